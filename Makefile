@@ -1,0 +1,78 @@
+# Thox appliance: every entry point. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON       ?= python3
+VENV         := $(CURDIR)/.venv
+PY           := $(VENV)/bin/python
+CACHE        ?= /var/cache/thox-build
+LLAMA_VERSION := 0.3.36
+HOST_WHEELS  := $(CACHE)/wheels/host
+# a dev THOX_HOME for `make serve` (the device uses /var/lib/thox)
+DEV_HOME     ?= $(CURDIR)/.thox-home
+HOSTPORT     ?= 127.0.0.1:8080
+APT_PACKAGES := build-essential cmake git curl nodejs npm
+PYTEST_ARGS  ?=
+
+export THOX_CACHE := $(CACHE)
+
+.PHONY: help venv apt-deps llama-wheel node-deps serve test test-api bench demo clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+apt-deps: ## install the Debian packages the build and tests need (only those missing)
+	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_APT_PACKAGES); do \
+	  if [ "$$p" = nodejs ] || [ "$$p" = npm ]; then command -v $${p/nodejs/node} >/dev/null && continue; fi; \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "apt: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+# llama-cpp-python has no wheel for this box: build it once into the cache.
+llama-wheel: $(HOST_WHEELS)/.llama-$(LLAMA_VERSION)
+$(HOST_WHEELS)/.llama-$(LLAMA_VERSION):
+	@mkdir -p $(HOST_WHEELS) $(CACHE)/logs
+	@echo "building llama-cpp-python $(LLAMA_VERSION) wheel (about 8 minutes on 2 cores; cached in $(HOST_WHEELS))"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip wheel --no-deps -q \
+	  llama-cpp-python==$(LLAMA_VERSION) -w $(HOST_WHEELS) > $(CACHE)/logs/llama-host.log 2>&1 \
+	  || { tail -30 $(CACHE)/logs/llama-host.log; exit 1; }
+	@touch $@
+
+venv: $(VENV)/.stamp ## create .venv with the app (editable) and test dependencies
+$(VENV)/.stamp: app/pyproject.toml | apt-deps-once llama-wheel
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --find-links $(HOST_WHEELS) -e 'app[test]'
+	@touch $@
+
+.PHONY: apt-deps-once
+apt-deps-once: apt-deps
+
+node-deps: tests/js/node_modules/.stamp
+tests/js/node_modules/.stamp: tests/js/package.json
+	cd tests/js && npm install --no-audit --no-fund --silent
+	@touch $@
+
+serve: venv ## run the API on 127.0.0.1:8080 with the demo model (THOX_HOME=.thox-home)
+	@THOX_HOME=$(DEV_HOME) $(VENV)/bin/thox models demo >/dev/null
+	@THOX_HOME=$(DEV_HOME) $(VENV)/bin/thox config get api.key >/dev/null 2>&1 || THOX_HOME=$(DEV_HOME) $(VENV)/bin/thox api-key generate >/dev/null
+	@echo "base URL: http://$(HOSTPORT)/v1"
+	@echo "API key:  $$(THOX_HOME=$(DEV_HOME) $(VENV)/bin/thox config get api.key)"
+	THOX_HOME=$(DEV_HOME) exec $(VENV)/bin/thox serve --host $(word 1,$(subst :, ,$(HOSTPORT))) --port $(word 2,$(subst :, ,$(HOSTPORT)))
+
+test-api: venv node-deps ## API, store and CLI tests only
+	$(PY) -m pytest tests -m "not slow_infra" $(PYTEST_ARGS)
+
+test: venv node-deps ## everything CI runs
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: ## the newcomer's first command (the image demo arrives with the image builder)
+	$(MAKE) serve
+
+bench: venv ## speed and memory against llama-cpp-python (table + build/bench.json)
+	$(PY) -m tests.bench.run --out build/bench.json
+
+clean: ## remove the venv, build output and the dev THOX_HOME
+	rm -rf $(VENV) build $(DEV_HOME) tests/js/node_modules
+
+-include mk/*.mk
