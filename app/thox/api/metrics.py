@@ -1,0 +1,29 @@
+"""Prometheus metrics for /metrics (a registry per app, so tests can run
+several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("thox_requests", "HTTP requests by route and status",
+                                ["route", "method", "status"], registry=r)
+        self.tokens = Counter("thox_tokens_generated", "Completion tokens generated", ["model"], registry=r)
+        self.prompt_tokens = Counter("thox_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.ttft = Histogram("thox_time_to_first_token_seconds", "Time from request to first token",
+                              ["model"], registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.queue_depth = Gauge("thox_queue_depth", "Requests running or waiting per model", ["model"],
+                                 registry=r)
+        self.loaded = Gauge("thox_model_loaded", "1 when the model is resident", ["model"], registry=r)
+        self.disconnects = Counter("thox_client_disconnects", "Generations stopped by client disconnect",
+                                   registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

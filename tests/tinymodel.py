@@ -1,0 +1,107 @@
+"""Generate a tiny llama-architecture GGUF with random weights.
+
+Byte-level BPE vocabulary (256 byte tokens + ChatML and FIM special tokens),
+a ChatML chat template, 2 layers, 64-dim: loads in milliseconds and produces
+(random) text, enough to drive the whole API.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "(message['content'] if message['content'] is string else '') + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_suffix|>",
+            "<|fim_middle|>"]
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's bytes_to_unicode mapping: the token text for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def write_tiny_gguf(path: Path | str, *, fim: bool = True, chat_template: bool = True,
+                    n_embd: int = 64, n_layer: int = 2, n_ctx: int = 2048, seed: int = 0,
+                    name: str = "tiny-test") -> Path:
+    import gguf
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    pairs = [("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġt", "he")]
+    merged = [a + b for a, b in pairs]
+    tokens = _byte_tokens() + merged + SPECIALS
+    n_vocab = len(tokens)
+    n_normal = 256 + len(merged)
+    toktypes = [gguf.TokenType.NORMAL] * n_normal + [gguf.TokenType.CONTROL] * len(SPECIALS)
+    sid = {t: n_normal + i for i, t in enumerate(SPECIALS)}
+    n_head, n_ff = 4, 128
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(toktypes)
+    w.add_token_merges([f"{a} {b}" for a, b in pairs])
+    w.add_bos_token_id(sid["<|endoftext|>"])
+    w.add_eos_token_id(sid["<|im_end|>"])
+    w.add_add_bos_token(False)
+    if fim:
+        w.add_uint32("tokenizer.ggml.fim_pre_token_id", sid["<|fim_prefix|>"])
+        w.add_uint32("tokenizer.ggml.fim_suf_token_id", sid["<|fim_suffix|>"])
+        w.add_uint32("tokenizer.ggml.fim_mid_token_id", sid["<|fim_middle|>"])
+    if chat_template:
+        w.add_chat_template(CHATML)
+
+    def t(name: str, *shape: int, scale: float = 0.2) -> None:
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    t("token_embd.weight", n_vocab, n_embd, scale=1.0)
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        t(f"blk.{i}.attn_q.weight", n_embd, n_embd)
+        t(f"blk.{i}.attn_k.weight", n_embd, n_embd)
+        t(f"blk.{i}.attn_v.weight", n_embd, n_embd)
+        t(f"blk.{i}.attn_output.weight", n_embd, n_embd)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    t("output.weight", n_vocab, n_embd, scale=1.0)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+if __name__ == "__main__":
+    print(write_tiny_gguf(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf"))
