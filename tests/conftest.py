@@ -130,7 +130,7 @@ def openapi():
     from jsonschema import Draft202012Validator
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     doc = yaml.load(spec.read_text(), Loader=loader)
-    components = doc["components"]
+    components = _nullable(doc["components"])
 
     def validate(body, schema_name: str) -> None:
         schema = {"$ref": f"#/components/schemas/{schema_name}", "components": components}
@@ -138,6 +138,19 @@ def openapi():
         assert not errors, f"{schema_name}: " + "; ".join(
             f"{list(e.path)}: {e.message[:200]}" for e in errors[:5])
     return validate
+
+
+def _nullable(node):
+    """The spec marks optional-null fields OpenAPI-3.0 style (`nullable: true`);
+    turn that into JSON Schema's anyOf-null so a validator understands it."""
+    if isinstance(node, list):
+        return [_nullable(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _nullable(v) for k, v in node.items()}
+    if node.pop("nullable", False) is True:
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
 
 
 def sse_events(resp: httpx.Response) -> list:

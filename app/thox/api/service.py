@@ -13,6 +13,7 @@ from ..engine.scheduler import JobStream, ModelWorker
 from ..engine.types import Finished, GenerationJob, Piece
 from ..errors import ThoxError
 from . import translate as tr
+from .translate import FINGERPRINT
 from .errors import error_body
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -182,7 +183,7 @@ class Service:
 
         def chunk(i: int, text: str, reason: str | None, lp: dict | None = None) -> str:
             return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                        "system_fingerprint": None,
+                        "system_fingerprint": FINGERPRINT,
                         "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lp}]})
         try:
             for i, job in enumerate(jobs):

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import __version__
 from ..engine import chat_template
 from ..engine.model import LoadedModel
 from ..engine.types import Finished, GenerationJob, SamplingParams, TokenLogprob
@@ -18,6 +19,7 @@ from ..errors import InvalidRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+FINGERPRINT = f"thox-{__version__}"
 
 
 def new_id(prefix: str) -> str:
@@ -165,13 +167,13 @@ def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
 
 def chat_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": use, "system_fingerprint": None}
+            "choices": choices, "usage": use, "system_fingerprint": FINGERPRINT}
 
 
 def chat_chunk(rid: str, model: str, created: int, choices: list[dict], use: dict | None = None,
                with_usage_field: bool = False) -> dict[str, Any]:
     d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "system_fingerprint": None, "choices": choices}
+         "system_fingerprint": FINGERPRINT, "choices": choices}
     if with_usage_field:
         d["usage"] = use
     return d
@@ -223,7 +225,7 @@ def completion_logprobs(items: list[TokenLogprob], offset0: int) -> dict[str, An
 
 def completion_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": use, "system_fingerprint": None}
+            "choices": choices, "usage": use, "system_fingerprint": FINGERPRINT}
 
 
 # -- embeddings ----------------------------------------------------------------------------

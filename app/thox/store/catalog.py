@@ -181,3 +181,15 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
 
 def get_entry(name: str) -> CatalogEntry:
     return load_catalog().get(name)
+
+
+def remote_listing(store: Any = None, mirror: str | None = None,
+                   catalog: Catalog | None = None) -> list[dict[str, Any]]:
+    """Rows for `thox models list --remote [--json]`: every catalog entry with
+    its URL under ``mirror`` and whether ``store`` (a ModelStore) has it."""
+    rows = []
+    for e in (catalog or load_catalog()):
+        d = e.to_dict(mirror)
+        d["installed"] = bool(store is not None and store.has(e.name))
+        rows.append(d)
+    return rows

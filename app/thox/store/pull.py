@@ -216,19 +216,25 @@ def progress_renderer(stream: TextIO | None = None) -> ProgressCallback:
 class _Meter:
     """Smoothed transfer rate and ETA."""
 
+    WINDOW = 0.5
+
     def __init__(self) -> None:
         self.rate = 0.0
-        self._t = time.monotonic()
+        self._start = self._t = time.monotonic()
         self._bytes = 0
+        self._smoothed = False
 
     def add(self, n: int) -> None:
         self._bytes += n
         now = time.monotonic()
         dt = now - self._t
-        if dt >= 0.5:
+        if dt >= self.WINDOW:
             inst = self._bytes / dt
-            self.rate = inst if self.rate == 0 else 0.7 * self.rate + 0.3 * inst
+            self.rate = 0.7 * self.rate + 0.3 * inst if self._smoothed else inst
+            self._smoothed = True
             self._t, self._bytes = now, 0
+        elif not self._smoothed and dt >= 0.02:
+            self.rate = self._bytes / dt  # the first half second: plain average so far
 
     def eta(self, done: int, total: int | None) -> float | None:
         if not total or self.rate <= 0:
