@@ -46,11 +46,12 @@ def write_tiny_gguf(path: Path | str, *, fim: bool = True, chat_template: bool =
     rng = np.random.default_rng(seed)
     pairs = [("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġt", "he")]
     merged = [a + b for a, b in pairs]
-    tokens = _byte_tokens() + merged + SPECIALS
+    specials = SPECIALS if fim else SPECIALS[:3]
+    tokens = _byte_tokens() + merged + specials
     n_vocab = len(tokens)
     n_normal = 256 + len(merged)
-    toktypes = [gguf.TokenType.NORMAL] * n_normal + [gguf.TokenType.CONTROL] * len(SPECIALS)
-    sid = {t: n_normal + i for i, t in enumerate(SPECIALS)}
+    toktypes = [gguf.TokenType.NORMAL] * n_normal + [gguf.TokenType.CONTROL] * len(specials)
+    sid = {t: n_normal + i for i, t in enumerate(specials)}
     n_head, n_ff = 4, 128
 
     w = gguf.GGUFWriter(str(path), "llama")

@@ -130,7 +130,13 @@ def cmd_models_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_models_rm(a: argparse.Namespace) -> int:
-    _store().remove(a.name)
+    from .store import pull
+    store = _store()
+    dropped = pull.discard_partial(store, a.name)
+    if dropped and not store.has(a.name):
+        print(f"removed the interrupted download of {a.name}")
+        return 0
+    store.remove(a.name)
     print(f"removed {a.name}")
     return 0
 
@@ -274,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thox: error: {e.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("thox: interrupted", file=sys.stderr)
+        hint = " (run the same pull again to resume)" if getattr(args, "func", None) is cmd_models_pull else ""
+        print(f"thox: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 1

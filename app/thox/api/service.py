@@ -46,27 +46,26 @@ class Service:
         return w
 
     def _admit(self, w: ModelWorker, job: GenerationJob) -> JobStream:
-        s = w.stream(job)
-        self.metrics.queue_depth.labels(w.model.id).set(w.pending)
+        model_id = w.model.id
+
+        def account(fin: Finished, admitted_at: float) -> None:
+            self.metrics.tokens.labels(model_id).inc(fin.completion_tokens)
+            self.metrics.prompt_tokens.labels(model_id).inc(fin.prompt_tokens)
+            if fin.first_token_at is not None:
+                self.metrics.ttft.labels(model_id).observe(fin.first_token_at - admitted_at)
+            if fin.finish_reason == "cancelled":
+                self.metrics.disconnects.inc()
+            self.metrics.queue_depth.labels(model_id).set(w.pending)
+
+        s = w.stream(job, account)
+        self.metrics.queue_depth.labels(model_id).set(w.pending)
         return s
 
-    def _account(self, model_id: str, fin: Finished, t0: float, t_first: float | None) -> None:
-        self.metrics.tokens.labels(model_id).inc(fin.completion_tokens)
-        self.metrics.prompt_tokens.labels(model_id).inc(fin.prompt_tokens)
-        if t_first is not None:
-            self.metrics.ttft.labels(model_id).observe(t_first - t0)
-        if fin.finish_reason == "cancelled":
-            self.metrics.disconnects.inc()
-
-    async def _collect(self, stream: JobStream, model_id: str) -> tuple[str, list, Finished]:
-        t0, t_first = time.monotonic(), None
+    async def _collect(self, stream: JobStream) -> tuple[str, list, Finished]:
         text, lps = [], []
         async for ev in stream:
             if isinstance(ev, Finished):
-                self._account(model_id, ev, t0, t_first)
                 return "".join(text), lps, ev
-            if t_first is None:
-                t_first = time.monotonic()
             text.append(ev.text)
             lps.extend(ev.logprobs)
         raise RuntimeError("generation ended without a result")  # pragma: no cover
@@ -83,7 +82,7 @@ class Service:
         choices, p_tok, c_tok = [], 0, 0
         cached = 0
         for i in range(n):
-            text, lps, fin = await self._collect(self._admit(w, job), req.model)
+            text, lps, fin = await self._collect(self._admit(w, job))
             p_tok, c_tok, cached = fin.prompt_tokens, c_tok + fin.completion_tokens, max(cached, fin.cached_tokens)
             calls = tr.parse_tool_calls(fin.captured) if fin.captured else None
             if fin.captured and not calls:
@@ -107,13 +106,11 @@ class Service:
             for i in range(n):
                 if stream is None:
                     stream = self._admit(w, job)
-                t0, t_first = time.monotonic(), None
                 yield sse(tr.chat_chunk(rid, model, created, [
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}], None, include_usage))
                 async for ev in stream:
                     if isinstance(ev, Finished):
-                        self._account(model, ev, t0, t_first)
                         p_tok, c_tok = ev.prompt_tokens, c_tok + ev.completion_tokens
                         calls = tr.parse_tool_calls(ev.captured) if ev.captured else None
                         if ev.captured and not calls:
@@ -129,8 +126,6 @@ class Service:
                             {"index": i, "delta": {}, "logprobs": None,
                              "finish_reason": tr.finish_reason(ev, calls)}], None, include_usage))
                         break
-                    if t_first is None:
-                        t_first = time.monotonic()
                     if not ev.text and not ev.logprobs:
                         continue
                     yield sse(tr.chat_chunk(rid, model, created, [
@@ -165,7 +160,7 @@ class Service:
         rid, created = tr.new_id("cmpl"), tr.now()
         choices, p_tok, c_tok = [], 0, 0
         for i, job in enumerate(jobs):
-            text, lps, fin = await self._collect(self._admit(w, job), req.model)
+            text, lps, fin = await self._collect(self._admit(w, job))
             if i % (req.n or 1) == 0:
                 p_tok += fin.prompt_tokens
             c_tok += fin.completion_tokens
@@ -189,17 +184,14 @@ class Service:
             for i, job in enumerate(jobs):
                 if stream is None:
                     stream = self._admit(w, job)
-                t0, t_first, offset = time.monotonic(), None, 0
+                offset = 0
                 async for ev in stream:
                     if isinstance(ev, Finished):
-                        self._account(model, ev, t0, t_first)
                         if i % (req.n or 1) == 0:
                             p_tok += ev.prompt_tokens
                         c_tok += ev.completion_tokens
                         yield chunk(i, "", tr.finish_reason(ev, None))
                         break
-                    if t_first is None:
-                        t_first = time.monotonic()
                     lp = tr.completion_logprobs(ev.logprobs, offset) if req.logprobs is not None else None
                     offset += len(ev.text)
                     yield chunk(i, ev.text, None, lp)

@@ -157,6 +157,7 @@ class LoadedModel:
         if job.prefix_text:
             emit(Piece(job.prefix_text))
         n_out = 0
+        first_at = None
         reason = "length"
         vocab = self._vocab
         is_eog = self._llama_cpp.llama_vocab_is_eog
@@ -174,6 +175,8 @@ class LoadedModel:
                         reason = "stop"
                         break
                     n_out += 1
+                    if first_at is None:
+                        first_at = time.monotonic()
                     lp = [self._logprob(tok, p.top_logprobs)] if p.logprobs else []
                     text = stream.feed(self.llm.detokenize([tok]))
                     if text or lp:
@@ -191,7 +194,8 @@ class LoadedModel:
             emit(Piece(tail))
         if stream.captured is not None and reason == "stop":
             reason = "capture"
-        fin = Finished(reason, n_prompt, n_out, captured=stream.captured or "", cached_tokens=cached)
+        fin = Finished(reason, n_prompt, n_out, captured=stream.captured or "", cached_tokens=cached,
+                       first_token_at=first_at)
         emit(fin)
         return fin
 

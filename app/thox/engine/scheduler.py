@@ -50,11 +50,14 @@ class ModelWorker:
         self.pending -= 1
         self.last_used = time.monotonic()
 
-    def stream(self, job: GenerationJob) -> "JobStream":
+    def stream(self, job: GenerationJob,
+               on_finish: Callable[[Finished, float], None] | None = None) -> "JobStream":
         """Reserve a place in the queue now (raises Overloaded when full) and
-        return an async iterator of Pieces ending with one Finished."""
+        return an async iterator of Pieces ending with one Finished.
+        ``on_finish(finished, admitted_at)`` runs on the event loop when the job
+        ends, whether or not anyone is still reading (client disconnects)."""
         self._admit()
-        return JobStream(self, job)
+        return JobStream(self, job, on_finish)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the worker thread (embeddings, tokenizing)."""
@@ -75,9 +78,12 @@ class JobStream:
     """One admitted job. Iterating runs it on the worker; closing it (or
     dropping it, even unstarted) cancels the job and frees its queue place."""
 
-    def __init__(self, worker: ModelWorker, job: GenerationJob):
+    def __init__(self, worker: ModelWorker, job: GenerationJob,
+                 on_finish: Callable[[Finished, float], None] | None = None):
         self._worker = worker
         self._job = job
+        self._on_finish = on_finish
+        self.admitted_at = time.monotonic()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
         self._started = False
@@ -90,9 +96,12 @@ class JobStream:
         self._started = True
         loop = asyncio.get_running_loop()
         job, cancel, queue, model = self._job, self._cancel, self._queue, self._worker.model
+        on_finish, admitted = self._on_finish, self.admitted_at
 
         def emit(ev: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
+            if on_finish is not None and isinstance(ev, Finished):
+                loop.call_soon_threadsafe(on_finish, ev, admitted)
 
         def run() -> None:
             if cancel.is_set():

@@ -47,6 +47,7 @@ class Finished:
     completion_tokens: int
     captured: str = ""                     # text after a capture marker (tool calls)
     cached_tokens: int = 0
+    first_token_at: float | None = None    # time.monotonic() of the first generated token
 
 
 @dataclass

@@ -183,6 +183,11 @@ def get_entry(name: str) -> CatalogEntry:
     return load_catalog().get(name)
 
 
+def entry_summary(e: CatalogEntry, mirror: str | None = None) -> dict[str, Any]:
+    """One JSON-able row describing an entry (used by `thox models list --remote`)."""
+    return e.to_dict(mirror)
+
+
 def remote_listing(store: Any = None, mirror: str | None = None,
                    catalog: Catalog | None = None) -> list[dict[str, Any]]:
     """Rows for `thox models list --remote [--json]`: every catalog entry with

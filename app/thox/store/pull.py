@@ -49,7 +49,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
@@ -101,12 +101,16 @@ ProgressCallback = Callable[[PullProgress], None]
 def format_bytes(n: float | int | None) -> str:
     if n is None:
         return "?"
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+    n = float(n)  # binary units, like the rest of the CLI
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_rate(r: float) -> str:
+    return f"{format_bytes(r)}/s" if r > 0 else "--/s"
 
 
 def format_duration(s: float | None) -> str:
@@ -121,7 +125,7 @@ def format_duration(s: float | None) -> str:
 
 
 def describe_progress(p: PullProgress) -> str:
-    """One human line: ``41% 1.9 GB of 4.7 GB, 23.4 MB/s, ETA 2m01s``."""
+    """One human line: ``41% 1.8 GiB of 4.4 GiB, 22.3 MiB/s, ETA 2m01s``."""
     if p.phase in ("retrying", "connecting", "verifying", "resuming") and p.message:
         return f"{p.model}: {p.message}"
     if p.phase == "done":
@@ -129,7 +133,7 @@ def describe_progress(p: PullProgress) -> str:
     frac = p.fraction
     pct = f"{frac * 100:.0f}% " if frac is not None else ""
     of = f" of {format_bytes(p.total)}" if p.total else ""
-    return (f"{p.model}: {pct}{format_bytes(p.done)}{of}, {format_bytes(p.rate)}/s, "
+    return (f"{p.model}: {pct}{format_bytes(p.done)}{of}, {format_rate(p.rate)}, "
             f"ETA {format_duration(p.eta)}")
 
 
@@ -149,7 +153,7 @@ class TerminalProgressBar:
         width = self._width()
         frac = p.fraction
         stats = (f" {frac * 100:3.0f}%" if frac is not None else "") + \
-            f" {format_bytes(p.done)}/{format_bytes(p.total)} {format_bytes(p.rate)}/s ETA {format_duration(p.eta)}"
+            f" {format_bytes(p.done)}/{format_bytes(p.total)} {format_rate(p.rate)} ETA {format_duration(p.eta)}"
         label = p.model[:24]
         barw = max(10, width - len(label) - len(stats) - 4)
         if frac is None:
@@ -211,6 +215,11 @@ def progress_renderer(stream: TextIO | None = None) -> ProgressCallback:
     except (AttributeError, ValueError):
         tty = False
     return TerminalProgressBar(stream) if tty else LineProgress(stream)
+
+
+def default_progress() -> ProgressCallback:
+    """The CLI's renderer: a bar when stderr is a terminal, plain lines otherwise."""
+    return progress_renderer(sys.stderr)
 
 
 class _Meter:
@@ -454,7 +463,7 @@ def _download(store: ModelStore, model_id: str, url: str, part: Path, meta_path:
                 with out:
                     while True:
                         try:
-                            chunk = resp.read(CHUNK)
+                            chunk = resp.read1(CHUNK)  # what has arrived, up to 1 MiB: live progress on slow links
                         except (OSError, http.client.HTTPException) as e:
                             raise _Retry(f"connection lost after {format_bytes(have)}: {_reason(e)}") from None
                         if not chunk:
@@ -680,6 +689,6 @@ def _pull_url(store: ModelStore, plan: PullPlan, *, progress: ProgressCallback |
 
 __all__ = [
     "PullPlan", "PullProgress", "ProgressCallback", "TerminalProgressBar", "LineProgress",
-    "progress_renderer", "describe_progress", "format_bytes", "format_duration", "plan_pull",
+    "progress_renderer", "default_progress", "describe_progress", "format_bytes", "format_duration", "plan_pull",
     "pull_model", "pull_status", "discard_partial", "model_lock", "partial_paths", "lock_path",
 ]

