@@ -64,7 +64,7 @@ def read_metadata(path: Path | str, keep_arrays: bool = False) -> dict[str, Any]
     try:
         with open(path, "rb") as f:
             r = _Reader(f, path)
-            if r.read(4) != GGUF_MAGIC:
+            if f.read(4) != GGUF_MAGIC:
                 raise ModelBroken(f"{path.name}: not a GGUF file (bad magic)")
             version = r.unpack("<I")
             if version not in (2, 3):
