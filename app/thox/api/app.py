@@ -17,6 +17,7 @@ from ..store import ModelStore
 from . import errors, routes
 from .auth import KeyFile
 from .metrics import Metrics
+from .ratelimit import RateLimiter
 from .service import Service
 
 log = logging.getLogger("thox.api")
@@ -79,6 +80,7 @@ def create_app(config: Config | None = None) -> Quart:
     app.extensions["thox"] = {
         "config": config, "store": store, "metrics": metrics, "manager": manager,
         "service": Service(manager, metrics), "keys": KeyFile(config), "version": __version__,
+        "ratelimit": RateLimiter(config),
         "started": time.time(),
     }
 
@@ -93,11 +95,15 @@ def create_app(config: Config | None = None) -> Quart:
     @app.before_request
     async def _auth() -> None:
         g.t0 = time.monotonic()
+        g.extra_headers = {}
         if request.path.startswith("/v1/") or request.path == "/v1":
+            g.extra_headers = app.extensions["thox"]["ratelimit"].check(request.remote_addr)
             app.extensions["thox"]["keys"].check(request.headers.get("Authorization"))
 
     @app.after_request
     async def _count(resp: Response) -> Response:
+        for k, v in getattr(g, "extra_headers", {}).items():
+            resp.headers.setdefault(k, v)
         rule = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.requests.labels(rule, request.method, str(resp.status_code)).inc()
         for w in manager.workers.values():

@@ -1,0 +1,105 @@
+"""Loading models in the service: lazy load, memory budget with LRU
+eviction, keep-alive unload, too-big models, broken models; rate limit."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import pytest
+
+from conftest import Server, make_home, run_thox
+from test_api_basics import assert_error
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def loaded(s: Server) -> set[str]:
+    return {m["id"] for m in httpx.get(s.url + "/health", timeout=10).json()["models"] if m["loaded"]}
+
+
+@pytest.fixture
+def home(tmp_path_factory, models_dir):
+    return make_home(tmp_path_factory, models_dir, "svc", demo=True)
+
+
+def test_lazy_load_lru_and_too_big(home):
+    # tiny models need ~50 MiB by our estimate, the demo model ~150 MiB
+    s = Server(home, models__memory_budget="80M")
+    try:
+        assert loaded(s) == set()
+        assert s.post("/chat/completions", {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+        assert loaded(s) == {"tiny"}
+        assert s.post("/chat/completions", {"model": "tiny-nofim", "messages": MSG,
+                                            "max_tokens": 2}).status_code == 200
+        assert loaded(s) == {"tiny-nofim"}          # tiny evicted: least recently used
+        r = s.post("/chat/completions", {"model": "thox-demo", "messages": MSG, "max_tokens": 2})
+        err = assert_error(r, 503, "model_too_large")
+        assert int(r.headers["retry-after"]) >= 1 and "memory" in err["message"]
+        assert loaded(s) == {"tiny-nofim"}          # nothing was evicted for a model that cannot fit
+        assert {m["id"] for m in s.get("/models").json()["data"]} == {"tiny", "tiny-nofim", "thox-demo"}
+    finally:
+        s.stop()
+
+
+def test_concurrent_first_requests_share_one_load(home):
+    s = Server(home)
+    try:
+        with cf.ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda _: s.post("/chat/completions", {
+                "model": "thox-demo", "messages": MSG, "max_tokens": 2}).status_code, range(4)))
+        assert codes == [200] * 4
+        assert s.logs().count("loaded model thox-demo") == 1
+    finally:
+        s.stop()
+
+
+def test_keep_alive_unloads_idle_models(home):
+    s = Server(home, models__keep_alive="1")
+    try:
+        assert s.post("/embeddings", {"model": "tiny", "input": "x"}).status_code == 200
+        assert loaded(s) == {"tiny"}
+        deadline = time.time() + 15
+        while loaded(s) and time.time() < deadline:
+            time.sleep(0.3)
+        assert loaded(s) == set()
+        assert s.post("/chat/completions", {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_broken_model_is_reported_and_service_stays_up(home):
+    path = run_thox(home, "models", "path", "tiny-nofim").stdout.strip()
+    with open(path, "r+b") as f:
+        f.truncate(4096)
+    s = Server(home)
+    try:
+        r = s.post("/chat/completions", {"model": "tiny-nofim", "messages": MSG})
+        err = assert_error(r, 400, "model_broken")
+        assert "tiny-nofim" in err["message"]
+        h = httpx.get(s.url + "/health", timeout=10).json()
+        assert [m for m in h["models"] if m["id"] == "tiny-nofim"][0]["broken"]
+        assert s.post("/chat/completions", {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_rate_limit(home):
+    s = Server(home, api__rate_limit="3", api__rate_limit_loopback="true")
+    try:
+        rs = [s.get("/models") for _ in range(3)]
+        assert all(r.status_code == 200 for r in rs)
+        assert rs[0].headers["x-ratelimit-limit-requests"] == "3"
+        assert int(rs[0].headers["x-ratelimit-remaining-requests"]) == 2
+        r = s.get("/models")
+        err = assert_error(r, 429, "rate_limit_exceeded")
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+        assert "x-ratelimit-reset-requests" in r.headers and "3 requests per minute" in err["message"]
+        # loopback is exempt unless configured otherwise (re-read without restart)
+        run_thox(home, "config", "set", "api.rate_limit_loopback", "false")
+        assert all(s.get("/models").status_code == 200 for _ in range(6))
+        run_thox(home, "config", "set", "api.rate_limit", "0")
+    finally:
+        s.stop()
