@@ -233,3 +233,25 @@ def test_prefix_cache_reused_on_follow_up(server):
                                            "temperature": 0}).json()
     cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= r1["usage"]["prompt_tokens"] - 2, (cached, r1["usage"])
+
+
+@pytest.mark.parametrize("schema", [
+    {"enum": []}, {"type": "strange"}, {"type": "string", "pattern": "[unclosed"},
+    {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}, {"anyOf": []}, {"oneOf": [{"enum": []}]},
+    {"type": "array", "items": {"enum": []}, "minItems": 1},
+])
+def test_bad_json_schemas_are_400_and_server_survives(server, schema):
+    body = {"model": "tiny", "messages": MSGS, "max_tokens": 5,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    r = server.post("/chat/completions", body)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["param"].startswith("response_format")
+    r = server.post("/chat/completions", {**body, "stream": True})
+    assert r.status_code in (200, 400)
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    bad_tool = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    r = server.post("/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 5, "tools": bad_tool,
+                                          "tool_choice": "required"})
+    assert r.status_code in (200, 400), r.text
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200

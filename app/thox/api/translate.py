@@ -124,6 +124,9 @@ def chat_job(req: ChatCompletionRequest, model: LoadedModel) -> GenerationJob:
     elif req.response_format is not None and req.response_format.type == "json_schema":
         schema = req.response_format.json_schema.schema_ or {"type": "object"}
         params.grammar = _schema_grammar(schema, "response_format.json_schema.schema")
+    if params.grammar:
+        model.check_grammar(params.grammar, "tools" if use_tools and choice != "auto" else
+                            "response_format.json_schema.schema")
     if use_tools:
         params.capture_markers = [TOOL_OPEN]
     return GenerationJob(prompt_tokens=tokens, params=params)

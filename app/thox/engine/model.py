@@ -116,14 +116,22 @@ class LoadedModel:
             return self.path.stat().st_size
 
     # -- generation ---------------------------------------------------------
+    def check_grammar(self, grammar: str, param: str) -> None:
+        """Parse ``grammar`` with llama.cpp before it reaches a sampler: a
+        grammar that fails to parse would otherwise crash the process."""
+        lc = self._llama_cpp
+        sampler = lc.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise InvalidRequest("this schema cannot be turned into a valid grammar (is it empty or "
+                                 "self-contradictory?)", param=param)
+        lc.llama_sampler_free(sampler)
+
     def _make_grammar(self, params: SamplingParams):
         if not params.grammar:
             return None
         from llama_cpp.llama_grammar import LlamaGrammar
-        try:
-            return LlamaGrammar.from_string(params.grammar, verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise InvalidRequest(f"invalid grammar: {e}", param="response_format") from None
+        self.check_grammar(params.grammar, "response_format")
+        return LlamaGrammar.from_string(params.grammar, verbose=False)
 
     def _logprob(self, token: int, top_n: int) -> TokenLogprob:
         ptr = self._llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
