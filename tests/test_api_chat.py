@@ -255,3 +255,12 @@ def test_bad_json_schemas_are_400_and_server_survives(server, schema):
                                           "tool_choice": "required"})
     assert r.status_code in (200, 400), r.text
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_stream_with_n_choices(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4, n=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and
+                c.choices[0].finish_reason}
+    assert set(finished) == {0, 1}
+    assert chunks[-1].usage.completion_tokens <= 8

@@ -70,6 +70,7 @@ def create_app(config: Config | None = None) -> Quart:
     app = Quart("thox")
     app.config["MAX_CONTENT_LENGTH"] = int(config.get("api.max_body_bytes"))
     app.config["JSON_SORT_KEYS"] = False
+    app.config["RESPONSE_TIMEOUT"] = None  # long generations are not stalled responses
     app.json.sort_keys = False
     app.json.ensure_ascii = False
 
