@@ -82,32 +82,27 @@ def _parse_str(v: Any) -> str:
     return str(v)
 
 
-def _parse_size(v: Any) -> int:
-    """Bytes, or a number with K/M/G/T suffix (powers of 1024)."""
-    s = str(v).strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
-        if s.endswith(suffix):
-            s, mult = s[:-1], m
-            break
-    n = int(float(s) * mult)
-    if n < 0:
-        raise ValueError("must be >= 0")
-    return n
+def _parse_scaled(units: dict[str, int], strip: str = "") -> Callable[[Any], int]:
+    """A non-negative number with an optional unit suffix (case-insensitive)."""
+    def parse(v: Any) -> int:
+        s = str(v).strip().lower()
+        for junk in strip:
+            s = s.removesuffix(junk)
+        mult = 1
+        for suffix, m in units.items():
+            if s.endswith(suffix):
+                s, mult = s[: -len(suffix)], m
+                break
+        n = int(float(s) * mult)
+        if n < 0:
+            raise ValueError("must be >= 0")
+        return n
+    return parse
 
 
-def _parse_duration(v: Any) -> int:
-    """Seconds, or a number with s/m/h suffix."""
-    s = str(v).strip().lower()
-    mult = 1
-    for suffix, m in (("h", 3600), ("m", 60), ("s", 1)):
-        if s.endswith(suffix):
-            s, mult = s[:-1], m
-            break
-    n = int(float(s) * mult)
-    if n < 0:
-        raise ValueError("must be >= 0")
-    return n
+# bytes with K/M/G/T (powers of 1024; "KiB", "MB" and the like accepted); seconds with s/m/h
+_parse_size = _parse_scaled({"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}, strip="bi")
+_parse_duration = _parse_scaled({"h": 3600, "m": 60, "s": 1})
 
 
 @dataclass(frozen=True)
