@@ -16,6 +16,11 @@ PYTEST_ARGS  ?=
 
 export THOX_CACHE := $(CACHE)
 
+# the parts' own targets (web, provisioning, image, bench); they add their
+# dependencies of `make test` to TEST_DEPS
+TEST_DEPS :=
+include $(sort $(wildcard mk/*.mk))
+
 .PHONY: help venv apt-deps llama-wheel node-deps serve test test-api bench demo clean
 
 help: ## list the targets
@@ -63,7 +68,7 @@ serve: venv ## run the API on 127.0.0.1:8080 with the demo model (THOX_HOME=.tho
 test-api: venv node-deps ## API, store and CLI tests only
 	$(PY) -m pytest tests -m "not slow_infra" $(PYTEST_ARGS)
 
-test: venv node-deps ## everything CI runs
+test: venv node-deps $(TEST_DEPS) ## everything CI runs
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: ## the newcomer's first command (the image demo arrives with the image builder)
@@ -75,4 +80,3 @@ bench: venv ## speed and memory against llama-cpp-python (table + build/bench.js
 clean: ## remove the venv, build output and the dev THOX_HOME
 	rm -rf $(VENV) build $(DEV_HOME) tests/js/node_modules
 
--include mk/*.mk

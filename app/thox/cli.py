@@ -81,6 +81,14 @@ def cmd_firstboot(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_password_reset(a: argparse.Namespace) -> int:
+    from .web.admin import reset_admin_password
+    cfg = Config()
+    pw = reset_admin_password(cfg)
+    print(pw)
+    return 0
+
+
 # -- models ------------------------------------------------------------------------
 def _store():
     from .store import ModelStore
@@ -234,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                             metavar="ACTION")
     s = k.add_parser("generate", help="make a new key (the old one stops working at once) and print it")
     s.set_defaults(func=cmd_api_key_generate)
+
+    k = sub.add_parser("admin-password", help="the web page's admin password").add_subparsers(
+        dest="sub", required=True, metavar="ACTION")
+    s = k.add_parser("reset", help="make a new admin password (signs out every web session); print it")
+    s.set_defaults(func=cmd_admin_password_reset)
 
     s = sub.add_parser("firstboot", help="create per-device secrets when absent (run once by systemd)")
     s.set_defaults(func=cmd_firstboot)

@@ -113,4 +113,6 @@ def create_app(config: Config | None = None) -> Quart:
 
     errors.install(app)
     routes.register(app)
+    from .. import web
+    web.register(app)
     return app

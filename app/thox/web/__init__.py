@@ -366,7 +366,10 @@ def _current_gen() -> str:
 @blueprint.before_request
 async def _load_session():
     st = _state()
-    s = st.sessions.get(request.cookies.get(COOKIE))
+    presented = request.cookies.get(COOKIE)
+    s = st.sessions.get(presented)
+    if presented and s is None:
+        g.web_cookie = ""     # expired or never ours: tell the browser to forget it
     if s is not None and s.signed_in and s.pw_gen != _current_gen():
         # the password changed elsewhere (console reset, another browser): sign out
         st.sessions.drop(s.sid)
@@ -452,7 +455,10 @@ async def login():
     if s is None:
         s = _new_session()
     first = admin.password_file(_cfg()).exists()
-    return await _page("login.html", first_boot=first, error=None)
+    error = None
+    if admin.load(_cfg()) is None:
+        error = "No admin password is set on this device yet: run `thox firstboot` on the device as root."
+    return await _page("login.html", first_boot=first, error=error)
 
 
 @blueprint.post("/login")
@@ -552,6 +558,11 @@ async def rotate_key():
     _cfg().generate_api_key()
     log.info("web: API key rotated from %s", _client_ip())
     _flash("ok", "A new API key is active. The old key no longer works: update your apps.")
+    return redirect("/#api-key", 303)
+
+
+@blueprint.get("/key/rotate")
+async def rotate_key_get():
     return redirect("/#api-key", 303)
 
 

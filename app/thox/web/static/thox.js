@@ -54,7 +54,7 @@ function renderStatus(s) {
     tbody.replaceChildren();
     if (!s.models.length) {
       const tr = el("tr", { class: "empty" });
-      const td = el("td", { colspan: "5" }, "No models installed yet. Try `thox models demo` or `thox models pull thox-coder-7b`.");
+      const td = el("td", { colspan: "5" }, "No models installed yet. Try thox models demo or thox models pull thox-coder-7b on the device.");
       tr.appendChild(td);
       tbody.appendChild(tr);
     }
@@ -74,11 +74,12 @@ function renderStatus(s) {
   const pulls = document.querySelector('[data-list="pulls"]');
   if (pulls) {
     pulls.replaceChildren();
+    if (s.pulls.length) pulls.appendChild(el("h3", {}, "Downloads"));
     for (const p of s.pulls) {
       const box = el("div", { class: "pull" });
       const head = el("div", { class: "pull-head" });
       head.appendChild(el("span", { class: "mono" }, p.model));
-      let info = `${p.done_text} of ${p.total_text}`;
+      let info = (p.percent !== null ? `${p.percent}% · ` : "") + `${p.done_text} of ${p.total_text}`;
       if (p.active) info += ` · ${p.rate_text}` + (p.eta_text ? ` · ${p.eta_text} left` : "");
       head.appendChild(el("span", { class: "muted" }, `${info} · ${p.state}`));
       box.appendChild(head);
