@@ -166,3 +166,15 @@ def test_unknown_route_and_method(server):
 def test_body_too_large(server):
     big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
     assert_error(server.post(CHAT, big, headers={**server.headers, "Content-Type": "application/json"}), 413)
+
+
+def test_key_not_in_process_list_or_errors(server):
+    import os
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert server.key.encode() not in f.read()
+        except OSError:
+            continue
+    r = httpx.get(server.base_url + "/models", headers={"Authorization": f"Bearer {server.key}x"})
+    assert r.status_code == 401 and server.key not in r.text
