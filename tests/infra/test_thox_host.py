@@ -1,0 +1,213 @@
+"""What a provisioned Thox box must look like (pytest-testinfra).
+
+Contract: ansible/site.yml (roles base, mdns, firewall, ssh, thox_api, models)
+and systemd/thox-api.service. THOX_API_PORT / THOX_WEB_PORT override the ports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import urllib.request
+from contextlib import nullcontext
+
+import pytest
+
+pytestmark = pytest.mark.slow_infra
+
+API_PORT = int(os.environ.get("THOX_API_PORT", "8080"))
+WEB_PORT = int(os.environ.get("THOX_WEB_PORT", "80"))
+HOME = "/var/lib/thox"
+
+
+def root(host):
+    """Root for the block: sudo when logged in as another user (make verify USER=...)."""
+    return nullcontext() if host.user().uid == 0 else host.sudo()
+
+
+@pytest.mark.parametrize("name", [
+    "avahi-daemon", "libnss-mdns", "nftables", "openssh-server", "python3-venv",
+    "systemd-timesyncd", "locales", "libgomp1", "ca-certificates", "curl",
+])
+def test_package_installed(host, name):
+    assert host.package(name).is_installed
+
+
+def test_service_user(host):
+    u = host.user("thox")
+    assert u.exists
+    assert u.uid < 1000, "thox must be a system user"
+    assert u.shell in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
+    assert u.home == HOME
+    assert u.group == "thox"
+
+
+def test_thox_home(host):
+    d = host.file(HOME)
+    assert d.is_directory and d.user == "thox" and d.group == "thox" and d.mode == 0o750
+
+
+def test_api_key_0600_owned_by_thox(host):
+    with root(host):
+        f = host.file(f"{HOME}/api_key")
+        assert f.is_file and f.user == "thox" and f.mode == 0o600
+        assert re.fullmatch(r"[0-9a-fA-F]{64}", f.content_string.strip())
+
+
+def test_config_has_web_port(host):
+    with root(host):
+        cfg = json.loads(host.file(f"{HOME}/config.json").content_string)
+    assert str(cfg.get("api", {}).get("web_port", cfg.get("api.web_port"))) == str(WEB_PORT)
+
+
+def test_app_installed_in_venv(host):
+    assert host.file("/opt/thox/venv/bin/thox").is_file
+    r = host.run("/opt/thox/venv/bin/python -c 'import thox, llama_cpp; print(llama_cpp.__version__)'")
+    assert r.rc == 0, r.stderr
+
+
+@pytest.mark.parametrize("unit", ["thox-api.service", "thox-firstboot.service"])
+def test_units_installed_from_repo(host, unit):
+    f = host.file(f"/etc/systemd/system/{unit}")
+    assert f.is_file and f.user == "root" and f.mode == 0o644
+
+
+@pytest.mark.parametrize("unit", [
+    "thox-api.service", "thox-firstboot.service", "avahi-daemon.service", "nftables.service", "ssh.service",
+    "systemd-timesyncd.service",
+])
+def test_unit_enabled(host, unit):
+    assert host.service(unit).is_enabled
+
+
+@pytest.mark.parametrize("unit", ["thox-api.service", "avahi-daemon.service", "ssh.service"])
+def test_unit_running(host, unit):
+    assert host.service(unit).is_running
+
+
+def test_nftables_loaded(host):
+    # nftables.service is a oneshot that stays "active (exited)"
+    assert host.run("systemctl is-active nftables.service").stdout.strip() == "active"
+
+
+def test_thox_api_hardening(host):
+    props = host.run("systemctl show thox-api.service -p User -p Type -p NoNewPrivileges -p ProtectSystem "
+                     "-p ProtectHome -p PrivateTmp -p PrivateDevices -p Restart -p AmbientCapabilities "
+                     "-p CapabilityBoundingSet -p RestrictAddressFamilies -p StateDirectory").stdout
+    p = dict(line.split("=", 1) for line in props.splitlines() if "=" in line)
+    assert p["User"] == "thox" and p["Type"] == "notify" and p["Restart"] == "on-failure"
+    assert p["NoNewPrivileges"] == "yes" and p["ProtectSystem"] == "strict"
+    assert p["ProtectHome"] == "yes" and p["PrivateTmp"] == "yes" and p["PrivateDevices"] == "no"
+    assert p["AmbientCapabilities"] == "cap_net_bind_service"
+    assert p["CapabilityBoundingSet"] == "cap_net_bind_service"
+    assert set(p["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    assert p["StateDirectory"] == "thox"
+
+
+def test_api_runs_as_thox(host):
+    pid = host.run("systemctl show -p MainPID --value thox-api.service").stdout.strip()
+    assert pid not in ("", "0")
+    assert host.run(f"ps -o user= -p {pid}").stdout.strip() == "thox"
+
+
+@pytest.mark.parametrize("spec", [f"tcp://0.0.0.0:{API_PORT}", f"tcp://0.0.0.0:{WEB_PORT}", "tcp://0.0.0.0:22",
+                                  "udp://0.0.0.0:5353"])
+def test_listening(host, spec):
+    assert host.socket(spec).is_listening
+
+
+def test_nft_ruleset(host):
+    with root(host):
+        rs = host.run("nft list ruleset").stdout
+    assert "table inet thox" in rs
+    assert re.search(r"hook input priority filter; policy drop;", rs)
+    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7", "fe80::/10"):
+        assert net in rs, net
+    assert re.search(r"ip saddr @lan4 tcp dport \{ 22, 80, 8080 \} accept", rs)
+    assert "224.0.0.251 udp dport 5353 accept" in rs and "ff02::fb udp dport 5353 accept" in rs
+
+
+def test_nftables_conf_matches_loaded(host):
+    f = host.file("/etc/nftables.conf")
+    assert f.is_file and f.mode == 0o644 and "flush ruleset" in f.content_string
+
+
+def test_avahi_http_service(host):
+    f = host.file("/etc/avahi/services/thox.service")
+    s = f.content_string
+    assert "<type>_http._tcp</type>" in s and f"<port>{API_PORT}</port>" in s
+    assert "<txt-record>path=/v1</txt-record>" in s
+
+
+def test_avahi_ssh_service(host):
+    s = host.file("/etc/avahi/services/ssh.service").content_string
+    assert "<type>_ssh._tcp</type>" in s and "<port>22</port>" in s
+
+
+def test_nss_mdns(host):
+    assert "mdns4_minimal" in host.file("/etc/nsswitch.conf").content_string
+
+
+def test_hostname(host):
+    assert host.check_output("hostname") == "thox"
+    assert host.file("/etc/hostname").content_string.strip() == "thox"
+
+
+def test_sshd_key_only(host):
+    with root(host):
+        cfg = host.run("sshd -T").stdout.lower()
+    assert "passwordauthentication no" in cfg
+    assert "kbdinteractiveauthentication no" in cfg
+    assert re.search(r"^permitrootlogin (without-password|prohibit-password|no)$", cfg, re.M)
+
+
+def test_journald_capped(host):
+    s = host.file("/etc/systemd/journald.conf.d/10-thox.conf").content_string
+    assert "SystemMaxUse=" in s
+
+
+def test_demo_model_installed(host):
+    r = host.run(f"runuser -u thox -- env THOX_HOME={HOME} /opt/thox/venv/bin/thox models list --json")
+    assert r.rc == 0, r.stderr
+    assert "thox-demo" in r.stdout
+
+
+def test_health_on_the_box(host):
+    r = host.run(f"curl -fsS http://127.0.0.1:{API_PORT}/health")
+    assert r.rc == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "ok"
+
+
+def test_health_over_the_lan(host):
+    """From the controller: the API answers across the network (the controller
+    must be in a LAN range, as the firewall allows)."""
+    addr = host.backend.hostname
+    with urllib.request.urlopen(f"http://{addr}:{API_PORT}/health", timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+
+def test_web_port_answers(host):
+    r = host.run(f"curl -sS -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{WEB_PORT}/health")
+    assert r.stdout.strip() == "200"
+
+
+def test_v1_models_requires_key(host):
+    r = host.run(f"curl -sS -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{API_PORT}/v1/models")
+    assert r.stdout.strip() == "401"
+
+
+def test_chat_completion_with_demo_model(host):
+    body = json.dumps({"model": "thox-demo", "max_tokens": 8, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Say hello."}]})
+    with root(host):
+        r = host.run(
+            f"curl -fsS --max-time 180 -H \"Authorization: Bearer $(cat {HOME}/api_key)\" "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)} "
+            f"http://127.0.0.1:{API_PORT}/v1/chat/completions")
+    assert r.rc == 0, r.stderr
+    resp = json.loads(r.stdout)
+    assert resp["object"] == "chat.completion"
+    msg = resp["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"].strip()
+    assert resp["usage"]["completion_tokens"] >= 1

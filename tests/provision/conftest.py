@@ -1,0 +1,103 @@
+"""Shared helpers for the provisioning tests (ansible, units, firewall, nspawn).
+
+These tests need root, iproute2, nftables, systemd-container, mmdebstrap and the
+ansible venv (`make provision-deps`). Where something is missing they skip
+locally and fail under CI (CI=true), so a CI run can never pass by skipping.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = REPO / "ansible"
+SYSTEMD_DIR = REPO / "systemd"
+AVENV = Path(os.environ.get("THOX_ANSIBLE_VENV", REPO / ".venv-ansible"))
+ABIN = AVENV / "bin"
+CACHE = Path(os.environ.get("THOX_CACHE", "/var/cache/thox-build"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow_infra: provisioning/infra tests (ansible, nspawn, netns)")
+
+
+def require(ok: bool, why: str) -> None:
+    """Skip (locally) or fail (CI) when a prerequisite is missing."""
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"prerequisite missing under CI: {why} (run `make provision-deps`)")
+    pytest.skip(why)
+
+
+def need_root() -> None:
+    require(os.geteuid() == 0, "needs root (network namespaces, nspawn)")
+
+
+def need_tools(*tools: str) -> None:
+    for t in tools:
+        require(shutil.which(t) is not None, f"{t} not installed (make provision-deps)")
+
+
+def need_ansible() -> None:
+    require((ABIN / "ansible-playbook").exists(), f"{ABIN}/ansible-playbook missing (make provision-deps)")
+
+
+def ansible_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{ABIN}:{env.get('PATH', '')}",
+        ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
+        ANSIBLE_ROLES_PATH=str(ANSIBLE_DIR / "roles"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_LOCAL_TEMP="/tmp/thox-ansible-local",
+        ANSIBLE_HOME=str(CACHE / "ansible-home"),
+    )
+    env.update(extra)
+    return env
+
+
+def run(cmd, *, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd!r} exited {p.returncode}\n--- stdout\n{p.stdout[-6000:]}\n--- stderr\n{p.stderr[-4000:]}")
+    return p
+
+
+def render(tmp: Path, templates: list[tuple[str, str]], extra_vars: dict | None = None) -> Path:
+    """Render role templates with the roles' defaults (and extra vars) into tmp."""
+    import json
+    need_ansible()
+    out = tmp / "rendered"
+    out.mkdir(exist_ok=True)
+    ev = {"outdir": str(out), "items": [{"src": s, "dest": d} for s, d in templates]}
+    ev.update(extra_vars or {})
+    run([str(ABIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+         str(Path(__file__).with_name("render.yml")), "-e", json.dumps(ev)],
+        env=ansible_env(), cwd=ANSIBLE_DIR)
+    return out
+
+
+@pytest.fixture
+def netns_factory():
+    """Create network namespaces (deleted afterwards); returns a function name -> name."""
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        full = f"thox{os.getpid() % 10000}{name}"
+        subprocess.run(["ip", "netns", "del", full], capture_output=True)
+        run(["ip", "netns", "add", full])
+        made.append(full)
+        run(["ip", "-n", full, "link", "set", "lo", "up"])
+        for k in ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"):
+            run(["ip", "netns", "exec", full, "sysctl", "-qw", k])
+        return full
+
+    yield make
+    for ns in reversed(made):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

