@@ -258,3 +258,36 @@ def test_provision_twice_then_testinfra(box, inputs):
     _metrics(testinfra_s=round(time.monotonic() - t0, 1), testinfra_passed=int(m.group(1)) if m else 0,
              testinfra_failed=int((re.search(r"(\d+) failed", p.stdout) or [0, 0])[1]))
     assert p.returncode == 0, p.stdout[-8000:]
+
+
+KILL_AND_WAIT = r'''
+import json, subprocess, time, urllib.request
+def main_pid():
+    return int(subprocess.check_output(["systemctl", "show", "-p", "MainPID", "--value", "thox-api.service"]))
+old = main_pid()
+subprocess.check_call(["kill", "-9", str(old)])
+t0 = time.monotonic()
+while time.monotonic() - t0 < 60:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:8080/health", timeout=1) as r:
+            if r.status == 200 and main_pid() not in (0, old):
+                break
+    except OSError:
+        pass
+    time.sleep(0.05)
+print(json.dumps({"old": old, "new": main_pid(), "seconds": round(time.monotonic() - t0, 2)}))
+'''
+
+
+def test_sigkill_restarts_within_5s(box, inputs):
+    """Issue 7's fault: SIGKILL the API process; systemd has it answering again within 5 s."""
+    if box.ssh("systemctl is-active thox-api.service", check=False).stdout.strip() != "active":
+        _provision(box, inputs, LOGS / "provision-run-kill.log")
+    results = []
+    for _ in range(3):
+        p = box.ssh(f"/opt/thox/venv/bin/python -c '{KILL_AND_WAIT}'", timeout=120)
+        results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    _metrics(sigkill_restart_s=[r["seconds"] for r in results])
+    for r in results:
+        assert r["new"] not in (0, r["old"]), r
+        assert r["seconds"] < 5.0, results
