@@ -74,7 +74,7 @@ test: venv node-deps $(TEST_DEPS) ## everything CI runs
 demo: ## the newcomer's first command (the image demo arrives with the image builder)
 	$(MAKE) serve
 
-bench: venv ## speed and memory against llama-cpp-python (table + build/bench.json)
+bench: venv bench-deps ## speed and memory against llama-cpp-python (table + build/bench.json)
 	$(PY) -m tests.bench.run --out build/bench.json
 
 clean: ## remove the venv, build output and the dev THOX_HOME

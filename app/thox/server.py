@@ -26,6 +26,22 @@ def sd_notify(message: str) -> None:
         pass
 
 
+def _no_5xx_from_the_http_layer() -> None:
+    """h11 hints 501 for requests it cannot parse (e.g. an unsupported
+    Transfer-Encoding) and Hypercorn sends that before the app sees anything.
+    To a client such a request is malformed: answer 400. The only 5xx this
+    service sends is 503 with Retry-After."""
+    from hypercorn.protocol import h11 as hyper_h11
+    original = hyper_h11.H11Protocol._send_error_response
+    if getattr(original, "_thox", False):
+        return
+
+    async def send_error_response(self, status_code: int) -> None:
+        await original(self, 400 if status_code >= 500 else status_code)
+    send_error_response._thox = True
+    hyper_h11.H11Protocol._send_error_response = send_error_response
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     from .errors import ThoxError
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -56,6 +72,7 @@ def serve(host: str | None = None, port: int | None = None, config: Config | Non
     logging.basicConfig(level=os.environ.get("THOX_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
+    _no_5xx_from_the_http_layer()
     hc = HConfig()
     web_port = int(config.get("api.web_port"))
     ports = [port] + ([web_port] if web_port and web_port != port else [])

@@ -62,6 +62,11 @@ async def json_body() -> dict:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {e}.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The JSON body must be an object.")
+    try:  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("The JSON body contains a lone UTF-16 surrogate escape, which is not "
+                             "valid Unicode text.") from None
     return body
 
 

@@ -59,6 +59,11 @@ def register(app: Quart) -> None:
                         "model_loaded": any(m["loaded"] for m in models),
                         "models": models})
 
+    @app.get("/openapi.json")
+    async def openapi():
+        from .openapi import openapi_document
+        return jsonify(openapi_document())
+
     @app.get("/metrics")
     async def metrics():
         m = _ctx()["metrics"]

@@ -71,6 +71,8 @@ class LoadedModel:
         self.eos_token = self._token_text(self.llm.token_eos())
         self._embedder = None
         self._embed_lock = threading.Lock()
+        self._cache_tokens: list[int] = []     # what the KV cache of sequence 0 holds
+        self._pieces: dict[int, bytes] = {}
 
     # -- tokens -----------------------------------------------------------
     def _token_text(self, tok: int) -> str:
@@ -151,52 +153,103 @@ class LoadedModel:
         text, b, p = entry(token)
         return TokenLogprob(token=text, bytes=b, logprob=p, top=top)
 
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens render empty), cached."""
+        b = self._pieces.get(token)
+        if b is None:
+            lc = self._llama_cpp
+            buf = ctypes.create_string_buffer(64)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            b = self._pieces[token] = buf.raw[:max(n, 0)]
+        return b
+
+    def _evaluate_prompt(self, prompt: list[int]) -> int:
+        """Bring the KV cache to ``prompt``, reusing the longest common prefix
+        with what it holds; returns how many prompt tokens were reused."""
+        n = 0
+        for a, b in zip(self._cache_tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        if n == len(prompt):
+            n -= 1  # the last prompt token is decoded again to get fresh logits
+        ctx = self.llm._ctx
+        if n < len(self._cache_tokens) and not ctx.kv_cache_seq_rm(0, n, -1):
+            ctx.kv_cache_clear()
+            n = 0
+        self._cache_tokens = prompt[:n]
+        batch, step = self.llm._batch, self.llm.n_batch
+        try:
+            for i in range(n, len(prompt), step):
+                chunk = prompt[i:i + step]
+                batch.set_batch(batch=chunk, n_past=i, logits_all=False)
+                ctx.decode(batch)
+                self._cache_tokens.extend(chunk)
+        except RuntimeError:
+            ctx.kv_cache_clear()
+            self._cache_tokens = []
+            raise
+        return n
+
     def generate(self, job: GenerationJob, emit: Emit, cancel: threading.Event) -> Finished:
-        """Run one generation, calling ``emit`` with Pieces and finally a Finished."""
+        """Run one generation, calling ``emit`` with Pieces and finally a Finished.
+
+        The token loop is lean on purpose: sampling runs in llama.cpp's sampler
+        chain, one reusable single-token batch is decoded per step, token bytes
+        come from a cache, and logits are only read when logprobs are asked for."""
+        lc = self._llama_cpp
         p = job.params
         prompt = job.prompt_tokens
         n_prompt = len(prompt)
         room = self.n_ctx - n_prompt
         limit = room if p.max_tokens is None else min(p.max_tokens, room)
-        cached = self._common_prefix(prompt)
         grammar = self._make_grammar(p)
         self.llm.set_seed(p.seed if p.seed is not None else random.randrange(0, 2**31))
         stream = TextStream(p.stop, p.capture_markers)
         if job.prefix_text:
             emit(Piece(job.prefix_text))
-        n_out = 0
-        first_at = None
-        reason = "length"
-        vocab = self._vocab
-        is_eog = self._llama_cpp.llama_vocab_is_eog
-        if limit > 0:
-            gen = self.llm.generate(prompt, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                                    temp=p.temperature, repeat_penalty=p.repeat_penalty,
-                                    frequency_penalty=p.frequency_penalty,
-                                    presence_penalty=p.presence_penalty, grammar=grammar)
-            try:
-                for tok in gen:
-                    if cancel.is_set():
-                        reason = "cancelled"
-                        break
-                    if is_eog(vocab, tok):
-                        reason = "stop"
-                        break
-                    n_out += 1
-                    if first_at is None:
-                        first_at = time.monotonic()
-                    lp = [self._logprob(tok, p.top_logprobs)] if p.logprobs else []
-                    text = stream.feed(self.llm.detokenize([tok]))
-                    if text or lp:
-                        emit(Piece(text, lp))
-                    if stream.stopped:
-                        reason = "stop"
-                        break
-                    if n_out >= limit:
-                        reason = "length"
-                        break
-            finally:
-                gen.close()
+        n_out, first_at, reason, cached = 0, None, "length", 0
+        if limit > 0 and not cancel.is_set():
+            cached = self._evaluate_prompt(prompt)
+            sampler = self.llm._init_sampler(top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, temp=p.temperature,
+                                             repeat_penalty=p.repeat_penalty,
+                                             frequency_penalty=p.frequency_penalty,
+                                             presence_penalty=p.presence_penalty, grammar=grammar)
+            smpl, ctx, vocab = sampler.sampler, self.llm._ctx.ctx, self._vocab
+            sample, decode, is_eog = lc.llama_sampler_sample, lc.llama_decode, lc.llama_vocab_is_eog
+            one = (lc.llama_token * 1)()
+            batch_one = lc.llama_batch_get_one(one, 1)
+            cache, piece, feed = self._cache_tokens, self.piece, stream.feed
+            while True:
+                if cancel.is_set():
+                    reason = "cancelled"
+                    break
+                tok = sample(smpl, ctx, -1)
+                if is_eog(vocab, tok):
+                    reason = "stop"
+                    break
+                n_out += 1
+                if first_at is None:
+                    first_at = time.monotonic()
+                lp = [self._logprob(tok, p.top_logprobs)] if p.logprobs else []
+                text = feed(piece(tok))
+                if text or lp:
+                    emit(Piece(text, lp))
+                if stream.stopped:
+                    reason = "stop"
+                    break
+                if n_out >= limit:
+                    reason = "length"
+                    break
+                one[0] = tok
+                if decode(ctx, batch_one) != 0:
+                    self.llm._ctx.kv_cache_clear()
+                    self._cache_tokens = []
+                    raise RuntimeError("llama_decode failed during generation")
+                cache.append(tok)
         tail = stream.flush()
         if tail:
             emit(Piece(tail))
@@ -206,15 +259,6 @@ class LoadedModel:
                        first_token_at=first_at)
         emit(fin)
         return fin
-
-    def _common_prefix(self, tokens: list[int]) -> int:
-        n = 0
-        ids = self.llm._input_ids
-        for a, b in zip(ids, tokens):
-            if a != b:
-                break
-            n += 1
-        return n
 
     # -- embeddings -------------------------------------------------------------
     def _embedding_context(self):
