@@ -71,10 +71,9 @@ test-api: venv node-deps ## API, store and CLI tests only
 test: venv node-deps $(TEST_DEPS) ## everything CI runs
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-demo: ## the newcomer's first command (the image demo arrives with the image builder)
-	$(MAKE) serve
+demo: image-demo ## the newcomer's first command: build the image, boot it in QEMU, print URL and key
 
-bench: venv bench-deps ## speed and memory against llama-cpp-python (table + build/bench.json)
+bench: venv bench-deps ## speed and memory vs in-process llama-cpp-python, its server and llama-server (table + build/bench.json)
 	$(PY) -m tests.bench.run --out build/bench.json
 
 clean: ## remove the venv, build output and the dev THOX_HOME

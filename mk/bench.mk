@@ -33,8 +33,10 @@ $(VENV)/.bench-deps: mk/bench.mk | venv
 	@touch $@
 
 # the script checks its own stamp (source version + cmake flags): a no-op once built
-llama-server: ## llama.cpp's C++ llama-server for the bench (built once, cached in $(CACHE))
-	@CACHE=$(CACHE) LLAMA_VERSION=$(LLAMA_VERSION) PIP="$(PYTHON) -m pip" tests/bench/build_llama_server.sh
+# (cmake and build-essential come from the lead's apt-deps; pip only to fetch the sdist once)
+llama-server: | apt-deps-once ## build llama.cpp's C++ llama-server for the bench once (cached in /var/cache/thox-build)
+	@CACHE=$(CACHE) LLAMA_VERSION=$(LLAMA_VERSION) PIP="$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip" \
+	  tests/bench/build_llama_server.sh
 bench-deps: llama-server
 
 test-fuzz: venv fuzz-deps ## fuzz every route (schemathesis + hypothesis, ~5,500 requests)

@@ -5,6 +5,7 @@
 #
 #   tests/bench/build_llama_server.sh            # build if not cached
 #   FORCE=1 tests/bench/build_llama_server.sh    # rebuild
+#   KEEP_BUILD=1 ...                             # keep the source and build tree
 #
 # Output: $CACHE/llama-server-$VERSION/bin/llama-server (static, no curl, no
 # OpenSSL, no web UI) and the stamp file .../stamp. Log: $CACHE/logs/llama-server-build.log
@@ -62,4 +63,6 @@ cp "$BUILD/bin/llama-server" "$OUT/bin/llama-server.tmp"
 mv "$OUT/bin/llama-server.tmp" "$OUT/bin/llama-server"
 "$OUT/bin/llama-server" --version >>"$LOG" 2>&1 || true
 printf '%s\n' "$WANT" >"$STAMP"
+# the binary is all the bench needs: drop the 270 MB of source and objects
+[ -n "${KEEP_BUILD:-}" ] || rm -rf "$SRC" "$BUILD"
 echo "llama-server: built in $(( $(date +%s) - start ))s -> $OUT/bin/llama-server"

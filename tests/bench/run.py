@@ -43,6 +43,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -89,6 +90,22 @@ def vm(pid: int, field: str) -> int:
     except FileNotFoundError:
         pass
     return 0
+
+
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds the whole box has been busy, CPU seconds used by `pids`
+    and this process), so a phase can say how much CPU others took from it."""
+    hz = os.sysconf("SC_CLK_TCK")
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = (sum(f[:8]) - f[3] - f[4]) / hz     # all but idle and iowait
+    own = sum(os.times()[:2])
+    for pid in pids:
+        try:
+            st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            own += (int(st[11]) + int(st[12])) / hz
+        except (FileNotFoundError, IndexError, ValueError):
+            pass
+    return busy, own
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -209,7 +226,7 @@ class LlamaCppServer(SDKEngine):
     def __init__(self, model: Path, threads: int, n_ctx: int, work: Path):
         from conftest import free_port
         port = free_port()
-        log = work / f"llama-server-{threads}.log"
+        log = work / f"llama-cpp-python-server-{threads}-{port}.log"
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model),
                                       "--model_alias", MODEL, "--host", "127.0.0.1", "--port", str(port),
@@ -237,7 +254,8 @@ def llama_server_bin() -> Path:
 
 
 class LlamaServer(SDKEngine):
-    """llama.cpp's own C++ server, configured like the other engines."""
+    """llama.cpp's own C++ server, configured like the other engines
+    ($THOX_LLAMA_SERVER_ARGS: extra flags, for experiments)."""
     name = "llama-server"
 
     def __init__(self, model: Path, threads: int, n_ctx: int, work: Path):
@@ -247,13 +265,14 @@ class LlamaServer(SDKEngine):
             raise FileNotFoundError(f"{exe} is missing: build it with `make llama-server` "
                                     f"(or tests/bench/build_llama_server.sh; cached, a few minutes once)")
         port = free_port()
-        log = work / f"llama-cpp-server-{threads}.log"
+        log = work / f"llama-server-{threads}-{port}.log"
         self.log = open(log, "w")
         self.proc = subprocess.Popen([str(exe), "-m", str(model), "--alias", MODEL,
                                       "--host", "127.0.0.1", "--port", str(port),
                                       "-t", str(threads), "-tb", str(os.cpu_count() or 1),
                                       "-c", str(n_ctx), "-b", "512", "-ub", "512", "-np", "1",
-                                      "-fa", "off", "--cache-ram", "0", "--no-webui"],
+                                      "-fa", "off", "--cache-ram", "0", "--fit", "off", "--no-webui",
+                                      *shlex.split(os.environ.get("THOX_LLAMA_SERVER_ARGS", ""))],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
         wait_http(f"http://127.0.0.1:{port}/health", self.proc, log, ok=lambda code: code == 200)
@@ -278,10 +297,11 @@ class Thox(SDKEngine):
 
 
 def bench_speed(model: Path, home: Path, threads: int, rounds: int, max_tokens: int, n_ctx: int,
-                work: Path) -> dict[str, Any]:
-    """All three engines up at once; each round runs its prompt on each engine
+                work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """All four engines up at once; each round runs its prompt on each engine
     in turn (rotating the order), so a burst of load from elsewhere on the box
-    hits all of them alike. Returns {engine: summary}."""
+    hits all of them alike. Returns ({engine: summary}, phase), phase saying how
+    much of the box's CPU other processes took meanwhile (noise)."""
     engines, errors = [], {}
     for cls, arg in ((InProcess, model), (LlamaCppServer, model), (LlamaServer, model), (Thox, home)):
         try:
@@ -289,6 +309,8 @@ def bench_speed(model: Path, home: Path, threads: int, rounds: int, max_tokens: 
         except Exception as e:
             errors[cls.name] = {"error": f"{type(e).__name__}: {e}"}
     runs: dict[str, list] = {e.name: [] for e in engines}
+    pids = [e.pid for e in engines]
+    t0, (busy0, own0) = time.time(), cpu_seconds(pids)
     try:
         for e in list(engines):       # warm-up (model load, first allocation)
             try:
@@ -311,7 +333,13 @@ def bench_speed(model: Path, home: Path, threads: int, rounds: int, max_tokens: 
             if e.name in errors:
                 continue
             out[e.name] = {**summarize(runs[e.name]), "peak_rss": vm(e.pid, "VmHWM"), "runs": runs[e.name]}
-        return {**out, **errors}
+        ref = runs.get("in-process") if "in-process" not in errors else None
+        for name, r in out.items():    # greedy: every engine should write the very same text
+            if ref and name != "in-process":
+                r["same_text_as_in_process"] = sum(a["text"] == b["text"] for a, b in zip(r["runs"], ref))
+        wall, (busy1, own1) = time.time() - t0, cpu_seconds(pids)
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+        return {**out, **errors}, {"threads": threads, "wall_s": wall, "other_cpu_share": others}
     finally:
         for e in engines:
             try:
@@ -378,8 +406,7 @@ def bench_second_turn(engine: SDKEngine) -> dict[str, Any]:
         return {"prompt_tokens_first": first["usage"] and first["usage"]["prompt_tokens"],
                 "prompt_tokens_second": second["usage"] and second["usage"]["prompt_tokens"],
                 "ttft_first": first["ttft"], "ttft_second": second["ttft"],
-                "ratio": second["ttft"] / first["ttft"] if first["ttft"] and second["ttft"] else None,
-                "text_first": first["text"]}
+                "ratio": second["ttft"] / first["ttft"] if first["ttft"] and second["ttft"] else None}
     finally:
         engine.close()
 
@@ -465,6 +492,19 @@ def report(res: dict[str, Any]) -> str:
             out.append(f"{name:<13}{t:>8}{fmt(r['decode_tps_best']):>14}{fmt(r['e2e_tps_best']):>11}"
                        f"{fmt(r['ttft_p50'], 'ms'):>10}{fmt(r['ttft_p99'], 'ms'):>10}{fmt(r['peak_rss'], 'MiB'):>10}"
                        f"  {'/'.join(str(x) for x in r['tokens'])}")
+    same = []
+    for name in ENGINES:
+        by_t = [f"{r['same_text_as_in_process']}/{r['rounds']}" for t, r in sorted(e.get(name, {}).items())
+                if "same_text_as_in_process" in r]
+        if by_t:
+            same.append(f"{name} {' '.join(by_t)}")
+    if same:
+        out.append("greedy output identical to in-process (rounds, for each thread count): " + ", ".join(same))
+    for ph in res.get("phases", []):
+        busy = ph["other_cpu_share"] > 0.1
+        out.append(f"{ph['threads']}-thread phase: {ph['wall_s']:.0f}s, other processes took "
+                   f"{ph['other_cpu_share']:.0%} of the CPU" + (" (busy box: these rows are noisy, "
+                                                                 "TTFT most of all; rerun when idle)" if busy else ""))
     out.append("")
     for k, v in res["best"].items():
         out.append(f"best decode tok/s {k:<12} {fmt(v['decode_tps'])} ({v['threads']} threads)")
@@ -493,7 +533,7 @@ def report(res: dict[str, Any]) -> str:
 
 def strip_runs(d: Any) -> Any:
     if isinstance(d, dict):
-        return {k: strip_runs(v) for k, v in d.items() if k not in ("text", "usage", "text_first")}
+        return {k: strip_runs(v) for k, v in d.items() if k not in ("text", "usage")}
     if isinstance(d, list):
         return [strip_runs(x) for x in d]
     return d
@@ -536,9 +576,11 @@ def main(argv: list[str] | None = None) -> int:
             "llama_server": str(llama_server_bin()),
         }
         for t in threads:
-            print(f"  speed, {t} thread(s): {', '.join(ENGINES)}; {a.rounds} rounds ...", flush=True)
-            for name, r in bench_speed(model, home, t, a.rounds, a.max_tokens, a.n_ctx, work).items():
+            print(f"  [{time.time() - t_start:3.0f}s] speed, {t} thread(s): {', '.join(ENGINES)}; {a.rounds} rounds ...", flush=True)
+            by_engine, phase = bench_speed(model, home, t, a.rounds, a.max_tokens, a.n_ctx, work)
+            for name, r in by_engine.items():
                 res["engines"][name][t] = r
+            res.setdefault("phases", []).append(phase)
         best: dict[str, Any] = {}
         for name, by_t in res["engines"].items():
             ok = [(r["decode_tps_best"], t, r) for t, r in by_t.items() if r.get("decode_tps_best")]
@@ -561,12 +603,12 @@ def main(argv: list[str] | None = None) -> int:
         res["second_turn"] = {}
         for name, make in (("thox", lambda: Thox(home, tbest, a.n_ctx, work)),
                            ("llama-server", lambda: LlamaServer(model, tbest, a.n_ctx, work))):
-            print(f"  {name}, second turn with a shared 1,000+ token prompt ...", flush=True)
+            print(f"  [{time.time() - t_start:3.0f}s] {name}, second turn with a shared 1,000+ token prompt ...", flush=True)
             try:
                 res["second_turn"][name] = bench_second_turn(make())
             except Exception as e:
                 res["second_turn"][name] = {"error": f"{type(e).__name__}: {e}"}
-        print("  thox under load ...", flush=True)
+        print(f"  [{time.time() - t_start:3.0f}s] thox under load ...", flush=True)
         try:
             res["load"] = bench_load(home, tbest, a.load_clients, a.load_queue, a.load_rounds,
                                      min(a.max_tokens, 48))

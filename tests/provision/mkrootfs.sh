@@ -32,7 +32,7 @@ if [ ! -s "$out" ]; then
     --customize-hook='rm -f "$1/etc/ssh/ssh_host_"*' \
     --customize-hook='chroot "$1" systemctl enable ssh.service' \
     --customize-hook='mkdir -p "$1/etc/systemd/system/ssh.service.d" && printf "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n" > "$1/etc/systemd/system/ssh.service.d/hostkeys.conf"' \
-    bookworm "$tmp" http://deb.debian.org/debian > "$cache/logs/mkrootfs.log" 2>&1 \
+    bookworm "$tmp" "$(python3 "$(dirname "$0")/../../image/aptmirror.py" bookworm)" > "$cache/logs/mkrootfs.log" 2>&1 \
     || { tail -30 "$cache/logs/mkrootfs.log" >&2; exit 1; }
   mv "$tmp" "$out"
   trap - EXIT

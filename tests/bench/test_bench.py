@@ -1,0 +1,56 @@
+"""Fast checks of the benchmark harness (not the benchmark: that is `make bench`).
+
+Under a second: the report renders all four engines and the ratios, a missing
+llama-server binary says how to build it, and (when it is built) the cached
+llama-server accepts every flag the bench passes it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import run
+
+
+def _row(tps: float) -> dict:
+    return {"rounds": 2, "tokens": [128, 128], "decode_tps_best": tps, "decode_tps_median": tps,
+            "e2e_tps_best": tps * 0.95, "ttft_p50": 0.05, "ttft_p99": 0.06, "ttft_best": 0.05,
+            "peak_rss": 200 << 20}
+
+
+def test_report_has_every_engine_and_ratio():
+    res = {"model": "thox-demo", "model_file": "m.gguf", "max_tokens": 128, "rounds": 2, "machine": "x",
+           "engines": {"in-process": {1: _row(150)}, "llama-cpp": {1: _row(130)},
+                       "llama-server": {1: _row(165), 2: {"error": "FileNotFoundError: build it"}},
+                       "thox": {1: _row(160)}},
+           "best": {n: {"decode_tps": t, "threads": 1} for n, t in
+                    (("in-process", 150), ("llama-cpp", 130), ("llama-server", 165), ("thox", 160))},
+           "ratios": {"thox/in-process (decode)": 160 / 150, "thox/llama-server (decode)": 160 / 165},
+           "reference_ratios": {"llama-server/in-process (decode)": 1.1},
+           "second_turn": {"thox": {"prompt_tokens_first": 1500, "prompt_tokens_second": 1530, "ttft_first": 4.0,
+                                    "ttft_second": 0.08, "ratio": 0.02},
+                           "llama-server": {"error": "FileNotFoundError: x"}}}
+    text = run.report(res)
+    for needle in ("llama-server        1         165.0", "llama-server        2  error: FileNotFoundError",
+                   "ratio thox/llama-server (decode) 0.97", "reference llama-server/in-process (decode) 1.10",
+                   "second turn (thox): prompt 1500 -> 1530", "second turn (llama-server): error"):
+        assert needle in text, text
+
+
+def test_missing_llama_server_says_how_to_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("THOX_LLAMA_SERVER", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="make llama-server"):
+        run.LlamaServer(tmp_path / "m.gguf", 1, 2048, tmp_path)
+
+
+def test_cached_llama_server_knows_our_flags():
+    exe = run.llama_server_bin()
+    if not exe.exists():
+        pytest.skip(f"{exe} not built (make llama-server)")
+    help_text = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=30).stdout
+    for flag in ("--alias", "--host", "--port", "--threads-batch", "--ctx-size", "--ubatch-size", "--parallel",
+                 "--flash-attn", "--cache-ram", "--fit", "--no-webui"):
+        assert flag in help_text, flag
