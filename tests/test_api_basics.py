@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from conftest import run_thox
+from thoxtest import run_thox
 
 ROUTES = [("GET", "/models"), ("GET", "/models/tiny"), ("POST", "/chat/completions"),
           ("POST", "/completions"), ("POST", "/embeddings")]

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from conftest import sse_events
+from thoxtest import sse_events
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -16,7 +16,7 @@ def test_seed_guide_python_example(tmp_path_factory, models_dir):
     """The product guide's Python call, unmodified but for URL and key."""
     from openai import OpenAI
 
-    from conftest import Server, run_thox
+    from thoxtest import Server, run_thox
     home = tmp_path_factory.mktemp("guide")
     run_thox(home, "models", "import", str(models_dir / "tiny.gguf"), "--id", "thox-coder-14b")
     s = Server(home)

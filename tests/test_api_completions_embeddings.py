@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import sse_events
+from thoxtest import sse_events
 from test_api_basics import assert_error
 
 
@@ -106,7 +106,7 @@ def test_embeddings_are_mean_pooled(client, server):
     """Compare with per-token vectors from llama.cpp, averaged and normalised here."""
     import llama_cpp
 
-    from conftest import run_thox
+    from thoxtest import run_thox
     path = run_thox(server.home, "models", "path", "tiny").stdout.strip()
     llm = llama_cpp.Llama(path, embedding=True, n_ctx=256, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
                           verbose=False)

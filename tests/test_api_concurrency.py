@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import re
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import Server, make_home
+from thoxtest import Server, make_home
 
 LONG = {"model": "thox-demo", "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 120, "temperature": 1.0, "stream": True}

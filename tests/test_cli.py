@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import THOX, run_thox
+from thoxtest import THOX, run_thox
 
 
 def one_line_error(p: subprocess.CompletedProcess, needle: str = "") -> str:

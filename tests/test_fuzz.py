@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Server, make_home
+from thoxtest import Server, make_home
 
 try:
     import hypothesis  # noqa: F401

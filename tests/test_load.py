@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Server, make_home
+from thoxtest import Server, make_home
 
 pytestmark = pytest.mark.timeout(600)
 

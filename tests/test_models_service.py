@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import Server, make_home, run_thox
+from thoxtest import Server, make_home, run_thox
 from test_api_basics import assert_error
 
 MSG = [{"role": "user", "content": "hi"}]

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, Server, free_port, run_thox
+from thoxtest import ROOT, Server, free_port, run_thox
 
 WEB_DIR = ROOT / "tests" / "web"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

@@ -224,7 +224,7 @@ class LlamaCppServer(SDKEngine):
     name = "llama-cpp"
 
     def __init__(self, model: Path, threads: int, n_ctx: int, work: Path):
-        from conftest import free_port
+        from thoxtest import free_port
         port = free_port()
         log = work / f"llama-cpp-python-server-{threads}-{port}.log"
         self.log = open(log, "w")
@@ -259,7 +259,7 @@ class LlamaServer(SDKEngine):
     name = "llama-server"
 
     def __init__(self, model: Path, threads: int, n_ctx: int, work: Path):
-        from conftest import free_port
+        from thoxtest import free_port
         exe = llama_server_bin()
         if not os.access(exe, os.X_OK):
             raise FileNotFoundError(f"{exe} is missing: build it with `make llama-server` "
@@ -375,7 +375,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def thox_server(home: Path, **config: str):
-    from conftest import Server
+    from thoxtest import Server
     return Server(home, **config)
 
 
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.rounds, a.threads, a.max_tokens = 1, "2", 32
     threads = [int(x) for x in a.threads.split(",")]
-    from conftest import run_thox
+    from thoxtest import run_thox
 
     t_start = time.time()
     work = Path(tempfile.mkdtemp(prefix="thox-bench-"))

@@ -192,6 +192,18 @@ def test_testinfra_suite_over_forwarded_ssh(vm, api_key):
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
 
 
+def test_sigkill_restart_on_the_image(vm, api_key):
+    """Issue 7's fault on the booted image: SIGKILL the API; systemd brings it back.
+    Under QEMU TCG (no KVM) Python starts several times slower than on hardware,
+    so the figure is recorded; the 5 s bound is asserted at native speed in
+    tests/provision (same unit, same roles)."""
+    from faults import KILL_AND_WAIT
+    out = ssh(vm, f"/opt/thox/venv/bin/python -c '{KILL_AND_WAIT}'")
+    r = json.loads(out.strip().splitlines()[-1])
+    TIMES["sigkill_restart_s"] = r["seconds"]
+    assert r["new"] not in (0, r["old"]) and r["seconds"] < 60, r
+
+
 def test_clean_shutdown(vm):
     """Last: `systemctl poweroff` over ssh, QEMU exits by itself with status 0."""
     t = time.monotonic()

@@ -260,26 +260,10 @@ def test_provision_twice_then_testinfra(box, inputs):
     assert p.returncode == 0, p.stdout[-8000:]
 
 
-KILL_AND_WAIT = r'''
-import json, subprocess, time, urllib.request
-def main_pid():
-    return int(subprocess.check_output(["systemctl", "show", "-p", "MainPID", "--value", "thox-api.service"]))
-old = main_pid()
-subprocess.check_call(["kill", "-9", str(old)])
-t0 = time.monotonic()
-while time.monotonic() - t0 < 60:
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:8080/health", timeout=1) as r:
-            if r.status == 200 and main_pid() not in (0, old):
-                break
-    except OSError:
-        pass
-    time.sleep(0.05)
-print(json.dumps({"old": old, "new": main_pid(), "seconds": round(time.monotonic() - t0, 2)}))
-'''
 
 
 def test_sigkill_restarts_within_5s(box, inputs):
+    from faults import KILL_AND_WAIT
     """Issue 7's fault: SIGKILL the API process; systemd has it answering again within 5 s."""
     if box.ssh("systemctl is-active thox-api.service", check=False).stdout.strip() != "active":
         _provision(box, inputs, LOGS / "provision-run-kill.log")
