@@ -11,7 +11,7 @@ HOST_WHEELS  := $(CACHE)/wheels/host
 # a dev THOX_HOME for `make serve` (the device uses /var/lib/thox)
 DEV_HOME     ?= $(CURDIR)/.thox-home
 HOSTPORT     ?= 127.0.0.1:8080
-APT_PACKAGES := build-essential cmake git curl nodejs npm
+APT_PACKAGES := build-essential cmake git curl python3-venv python3-pip nodejs npm
 PYTEST_ARGS  ?=
 
 export THOX_CACHE := $(CACHE)
