@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 from quart import Quart, Response, g, request
@@ -22,6 +23,7 @@ from .service import Service
 
 log = logging.getLogger("thox.api")
 MAX_JSON_DEPTH = 64
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _depth_ok(data: bytes) -> bool:
@@ -63,7 +65,8 @@ async def json_body() -> dict:
     if not isinstance(body, dict):
         raise InvalidRequest("The JSON body must be an object.")
     try:  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        if SURROGATE_ESCAPE.search(data):  # only then is the whole body re-encoded
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequest("The JSON body contains a lone UTF-16 surrogate escape, which is not "
                              "valid Unicode text.") from None

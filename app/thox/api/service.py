@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import threading
 from typing import Any, AsyncIterator
 
 from ..engine.manager import ModelManager
 from ..engine.scheduler import JobStream, ModelWorker
-from ..engine.types import Finished, GenerationJob, Piece
+from ..engine.types import Finished, GenerationJob
 from ..errors import ThoxError
 from . import translate as tr
 from .translate import FINGERPRINT
@@ -96,51 +96,62 @@ class Service:
                             "finish_reason": tr.finish_reason(fin, calls)})
         return tr.chat_response(rid, req.model, created, choices, tr.usage(p_tok, c_tok, cached))
 
-    async def _chat_stream(self, req: ChatCompletionRequest, w: ModelWorker, job: GenerationJob,
-                           first: JobStream, n: int) -> AsyncIterator[str]:
-        rid, created, model = tr.new_id("chatcmpl"), tr.now(), req.model
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        p_tok = c_tok = 0
+    async def _stream_jobs(self, w: ModelWorker, jobs: list[GenerationJob], first: JobStream,
+                           per_job, tail) -> AsyncIterator[str]:
+        """The SSE body for ``jobs`` run one after another: ``per_job(i, stream)``
+        renders each (the first was admitted before the headers went out),
+        ``tail()`` what follows the last. An error after the headers went out
+        becomes a final error event; an abandoned stream frees its queue place."""
         stream: JobStream | None = first
         try:
-            for i in range(n):
-                if stream is None:
-                    stream = self._admit(w, job)
-                yield sse(tr.chat_chunk(rid, model, created, [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}], None, include_usage))
-                async for ev in stream:
-                    if isinstance(ev, Finished):
-                        p_tok, c_tok = ev.prompt_tokens, c_tok + ev.completion_tokens
-                        calls = tr.parse_tool_calls(ev.captured) if ev.captured else None
-                        if ev.captured and not calls:
-                            yield sse(tr.chat_chunk(rid, model, created, [
-                                {"index": i, "delta": {"content": ev.captured}, "logprobs": None,
-                                 "finish_reason": None}], None, include_usage))
-                        if calls:
-                            deltas = [{"index": k, **c} for k, c in enumerate(calls)]
-                            yield sse(tr.chat_chunk(rid, model, created, [
-                                {"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
-                                 "finish_reason": None}], None, include_usage))
-                        yield sse(tr.chat_chunk(rid, model, created, [
-                            {"index": i, "delta": {}, "logprobs": None,
-                             "finish_reason": tr.finish_reason(ev, calls)}], None, include_usage))
-                        break
-                    if not ev.text and not ev.logprobs:
-                        continue
-                    yield sse(tr.chat_chunk(rid, model, created, [
-                        {"index": i, "delta": {"content": ev.text},
-                         "logprobs": tr.chat_logprobs(ev.logprobs) if req.logprobs else None,
-                         "finish_reason": None}], None, include_usage))
+            for i, job in enumerate(jobs):
+                stream = stream or self._admit(w, job)
+                async for chunk in per_job(i, stream):
+                    yield chunk
                 stream = None
-            if include_usage:
-                yield sse(tr.chat_chunk(rid, model, created, [], tr.usage(p_tok, c_tok), True))
+            for chunk in tail():
+                yield chunk
             yield "data: [DONE]\n\n"
         except ThoxError as e:
             yield sse(error_body(e.message, e.type, e.param, e.code))
         finally:
             if stream is not None:
                 stream.close()
+
+    def _chat_stream(self, req: ChatCompletionRequest, w: ModelWorker, job: GenerationJob,
+                     first: JobStream, n: int) -> AsyncIterator[str]:
+        rid, created, model = tr.new_id("chatcmpl"), tr.now(), req.model
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        tokens = {"prompt": 0, "completion": 0}
+
+        def chunk(i: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
+            return sse(tr.chat_chunk(rid, model, created, [
+                {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}], None, include_usage))
+
+        async def per_job(i: int, stream: JobStream) -> AsyncIterator[str]:
+            yield chunk(i, {"role": "assistant", "content": ""})
+            async for ev in stream:
+                if isinstance(ev, Finished):
+                    tokens["prompt"] = ev.prompt_tokens
+                    tokens["completion"] += ev.completion_tokens
+                    calls = tr.parse_tool_calls(ev.captured) if ev.captured else None
+                    if ev.captured and not calls:
+                        yield chunk(i, {"content": ev.captured})
+                    if calls:
+                        yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]})
+                    yield chunk(i, {}, tr.finish_reason(ev, calls))
+                    return
+                if ev.text or ev.logprobs:
+                    yield chunk(i, {"content": ev.text}, None,
+                                tr.chat_logprobs(ev.logprobs) if req.logprobs else None)
+
+        def tail() -> list[str]:
+            if not include_usage:
+                return []
+            return [sse(tr.chat_chunk(rid, model, created, [],
+                                      tr.usage(tokens["prompt"], tokens["completion"]), True))]
+
+        return self._stream_jobs(w, [job] * n, first, per_job, tail)
 
     # -- legacy completions -------------------------------------------------------
     async def completions(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
@@ -169,48 +180,42 @@ class Service:
                             if req.logprobs is not None else None})
         return tr.completion_response(rid, req.model, created, choices, tr.usage(p_tok, c_tok))
 
-    async def _completion_stream(self, req: CompletionRequest, w: ModelWorker, jobs: list[GenerationJob],
-                                 first: JobStream) -> AsyncIterator[str]:
+    def _completion_stream(self, req: CompletionRequest, w: ModelWorker, jobs: list[GenerationJob],
+                           first: JobStream) -> AsyncIterator[str]:
         rid, created, model = tr.new_id("cmpl"), tr.now(), req.model
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        p_tok = c_tok = 0
-        stream: JobStream | None = first
+        tokens = {"prompt": 0, "completion": 0}
 
         def chunk(i: int, text: str, reason: str | None, lp: dict | None = None) -> str:
             return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                         "system_fingerprint": FINGERPRINT,
                         "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lp}]})
-        try:
-            for i, job in enumerate(jobs):
-                if stream is None:
-                    stream = self._admit(w, job)
-                offset = 0
-                async for ev in stream:
-                    if isinstance(ev, Finished):
-                        if i % (req.n or 1) == 0:
-                            p_tok += ev.prompt_tokens
-                        c_tok += ev.completion_tokens
-                        yield chunk(i, "", tr.finish_reason(ev, None))
-                        break
-                    lp = tr.completion_logprobs(ev.logprobs, offset) if req.logprobs is not None else None
-                    offset += len(ev.text)
-                    yield chunk(i, ev.text, None, lp)
-                stream = None
-            if include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": tr.usage(p_tok, c_tok)})
-            yield "data: [DONE]\n\n"
-        except ThoxError as e:
-            yield sse(error_body(e.message, e.type, e.param, e.code))
-        finally:
-            if stream is not None:
-                stream.close()
+
+        async def per_job(i: int, stream: JobStream) -> AsyncIterator[str]:
+            offset = 0
+            async for ev in stream:
+                if isinstance(ev, Finished):
+                    if i % (req.n or 1) == 0:
+                        tokens["prompt"] += ev.prompt_tokens
+                    tokens["completion"] += ev.completion_tokens
+                    yield chunk(i, "", tr.finish_reason(ev, None))
+                    return
+                lp = tr.completion_logprobs(ev.logprobs, offset) if req.logprobs is not None else None
+                offset += len(ev.text)
+                yield chunk(i, ev.text, None, lp)
+
+        def tail() -> list[str]:
+            if not include_usage:
+                return []
+            return [sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                         "choices": [], "usage": tr.usage(tokens["prompt"], tokens["completion"])})]
+
+        return self._stream_jobs(w, jobs, first, per_job, tail)
 
     # -- embeddings -----------------------------------------------------------------------
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         w = await self._worker(req.model)
         inputs = tr.embedding_inputs(req.input, w.model)
-        import threading
         vectors = await w.call(w.model.embed, inputs, threading.Event())
         n_tokens = sum(len(t) for t in inputs)
         self.metrics.prompt_tokens.labels(req.model).inc(n_tokens)
