@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
+from .statefiles import API_KEY_FILE, DEFAULT_HOME
 
-DEFAULT_HOME = "/var/lib/thox"
 API_KEY_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -159,7 +159,7 @@ class Config:
 
     @property
     def key_path(self) -> Path:
-        return self.home / "api_key"
+        return self.home / API_KEY_FILE
 
     @property
     def models_dir(self) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, atomic_write
+from ..statefiles import ADMIN_FILE, ADMIN_PASSWORD_FILE
 
 ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"   # no 0/o, 1/l/i: easy to read off a console
 GROUPS, GROUP_LEN = 4, 5
@@ -32,8 +33,6 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_DKLEN = 1 << 15, 8, 1, 32
 SCRYPT_MAXMEM = 128 * 1024 * 1024
 MIN_LENGTH = 10
 MAX_LENGTH = 1024
-ADMIN_FILE = "admin.json"
-PASSWORD_FILE = "admin-password.txt"
 
 
 class PasswordPolicyError(ValueError):
@@ -45,7 +44,7 @@ def admin_path(cfg: Config) -> Path:
 
 
 def password_file(cfg: Config) -> Path:
-    return cfg.home / PASSWORD_FILE
+    return cfg.home / ADMIN_PASSWORD_FILE
 
 
 def generate_password() -> str:
