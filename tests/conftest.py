@@ -10,8 +10,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from thoxtest import SHARED, Server, _nullable, make_home, write_tiny_gguf  # noqa: E402
+from thoxtest import ALLOW_SKIP, SHARED, Server, _nullable, make_home, require, write_tiny_gguf  # noqa: E402
 
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run with any skipped test fails (a skip hides a check that did not run),
+    unless THOX_ALLOW_SKIP=1 allows skips explicitly."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped and not ALLOW_SKIP and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if skipped and not ALLOW_SKIP:
+        terminalreporter.write_line(f"FAILED: {len(skipped)} test(s) skipped; a run passes only with none "
+                                    f"(THOX_ALLOW_SKIP=1 allows skips)", red=True, bold=True)
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +55,7 @@ def client(server):
 def openapi():
     """Validators for response bodies against the official OpenAI spec."""
     spec = SHARED / "reference" / "openai-openapi" / "openapi.yaml"
-    if not spec.exists():
-        pytest.skip("../shared/reference/openai-openapi is not present")
+    require(spec.exists(), f"{spec} is not present (the OpenAI spec in ../shared beside the clone)")
     import yaml
     from jsonschema import Draft202012Validator
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
