@@ -10,9 +10,10 @@
 #   llama-server  llama.cpp's C++ llama-server, built once from the llama.cpp
 #               source vendored in the llama-cpp-python $(LLAMA_VERSION) sdist (the
 #               same llama.cpp version as our engine), cached in
-#               $(CACHE)/llama-server-$(LLAMA_VERSION)/bin (a few minutes on 2 cores,
+#               $(CACHE)/llama-server-$(LLAMA_VERSION)/bin (about 7 minutes on 2 cores,
 #               once; log $(CACHE)/logs/llama-server-build.log). `make bench`
-#               depends on it through bench-deps.
+#               depends on it through bench-deps, `make test` directly (the bench
+#               harness test checks the bench's flags against it).
 #   test-fuzz, test-load   run just those tests
 
 FUZZ_PIP_PACKAGES  := 'hypothesis>=6.100' 'schemathesis>=4.0,<5'
@@ -44,4 +45,4 @@ test-fuzz: venv fuzz-deps ## fuzz every route (schemathesis + hypothesis, ~5,500
 
 test-load: venv ## overload, Retry-After, 100 disconnects, memory back to baseline
 	$(PY) -m pytest tests/test_load.py $(PYTEST_ARGS)
-TEST_DEPS += fuzz-deps
+TEST_DEPS += fuzz-deps llama-server

@@ -1,8 +1,8 @@
 """Fast checks of the benchmark harness (not the benchmark: that is `make bench`).
 
 Under a second: the report renders all four engines and the ratios, a missing
-llama-server binary says how to build it, and (when it is built) the cached
-llama-server accepts every flag the bench passes it.
+llama-server binary says how to build it, and the cached llama-server (`make test`
+builds it: `make llama-server`) accepts every flag the bench passes it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import run
+from thoxtest import require
 
 
 def _row(tps: float) -> dict:
@@ -48,8 +49,7 @@ def test_missing_llama_server_says_how_to_build(tmp_path, monkeypatch):
 
 def test_cached_llama_server_knows_our_flags():
     exe = run.llama_server_bin()
-    if not exe.exists():
-        pytest.skip(f"{exe} not built (make llama-server)")
+    require(exe.exists(), f"{exe} is not built (make llama-server)")
     help_text = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=30).stdout
     for flag in ("--alias", "--host", "--port", "--threads-batch", "--ctx-size", "--ubatch-size", "--parallel",
                  "--flash-attn", "--cache-ram", "--fit", "--no-webui"):
