@@ -65,8 +65,10 @@ serve: venv ## run the API on 127.0.0.1:8080 with the demo model (THOX_HOME=.tho
 	@echo "API key:  $$(THOX_HOME=$(DEV_HOME) $(VENV)/bin/thox config get api.key)"
 	THOX_HOME=$(DEV_HOME) exec $(VENV)/bin/thox serve --host $(word 1,$(subst :, ,$(HOSTPORT))) --port $(word 2,$(subst :, ,$(HOSTPORT)))
 
+# the top-level tests but those with targets of their own (test-web, test-fuzz, test-load)
+API_TESTS = $(filter-out tests/test_web.py tests/test_fuzz.py tests/test_load.py,$(wildcard tests/test_*.py))
 test-api: venv node-deps ## API, store and CLI tests only
-	$(PY) -m pytest tests -m "not slow_infra" $(PYTEST_ARGS)
+	$(PY) -m pytest $(API_TESTS) $(PYTEST_ARGS)
 
 test: venv node-deps $(TEST_DEPS) ## everything CI runs
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -43,5 +43,5 @@ test-image-unit: venv ## image builder unit tests (Jetson composition, pins, sec
 	$(PY) -m pytest tests/image -m "not image" $(PYTEST_ARGS)
 
 test-image: venv image-deps ## end-to-end: build, boot in QEMU, testinfra + OpenAI SDK smoke (minutes)
-	$(PY) -m pytest tests/image $(PYTEST_ARGS)
+	$(PY) -m pytest tests/image -m image $(PYTEST_ARGS)
 TEST_DEPS += image-deps

@@ -9,10 +9,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "image"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "image: end-to-end image test (builds and boots the amd64 image in QEMU; minutes)")
-
-
 @pytest.fixture
 def repo():
     return REPO

@@ -24,7 +24,3 @@ def pytest_ignore_collect(collection_path, config):
     if collection_path.name.startswith("test_") and not _enabled(config):
         return True
     return None
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow_infra: provisioning/infra tests (ansible, nspawn, netns)")

@@ -21,10 +21,6 @@ ABIN = AVENV / "bin"
 CACHE = Path(os.environ.get("THOX_CACHE", "/var/cache/thox-build"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow_infra: provisioning/infra tests (ansible, nspawn, netns)")
-
-
 def require(ok: bool, why: str) -> None:
     """Skip (locally) or fail (CI) when a prerequisite is missing."""
     if ok:
