@@ -31,6 +31,12 @@ HOST_SECRET_GLOBS: tuple[str, ...] = (
     "etc/ssh/ssh_host_*key*",
     "etc/machine-id",
     "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/lib/systemd/credential.secret",
+    "etc/ssl/private/*.key",
+    "etc/ssl/certs/ssl-cert-snakeoil.pem",
+    "root/.ssh/authorized_keys",
+    "home/*/.ssh/authorized_keys",
 )
 
 
