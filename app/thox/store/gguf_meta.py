@@ -18,6 +18,8 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 _MAX_STRING = 64 << 20
 _MAX_ARRAY = 1 << 24
+_MAX_DEPTH = 4          # arrays of arrays: real files nest at most once
+_MAX_ALIGNMENT = 1 << 16
 
 
 class _Reader:
@@ -39,19 +41,21 @@ class _Reader:
             raise ModelBroken(f"{self.path.name}: corrupt GGUF string length {n}")
         return self.read(n).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, keep_arrays: bool) -> Any:
+    def value(self, vtype: int, keep_arrays: bool, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= _MAX_DEPTH:
+                raise ModelBroken(f"{self.path.name}: corrupt GGUF header (arrays nested deeper than {_MAX_DEPTH})")
             itype, count = self.unpack("<I"), self.unpack("<Q")
             if count > _MAX_ARRAY:
                 raise ModelBroken(f"{self.path.name}: corrupt GGUF array length {count}")
             if not keep_arrays and itype in _SCALARS:  # skip quickly
                 self.f.seek(struct.calcsize(_SCALARS[itype]) * count, 1)
                 return count
-            items = [self.value(itype, keep_arrays) for _ in range(count)]
+            items = [self.value(itype, keep_arrays, depth + 1) for _ in range(count)]
             return items if keep_arrays else count
         raise ModelBroken(f"{self.path.name}: corrupt GGUF value type {vtype}")
 
@@ -76,6 +80,7 @@ def read_metadata(path: Path | str, keep_arrays: bool = False) -> dict[str, Any]
             for _ in range(n_kv):
                 key = r.string()
                 meta[key] = r.value(r.unpack("<I"), keep_arrays)
+            _check_types(meta, path)
             meta["gguf.data_end"] = _tensor_data_end(r, n_tensors, meta)
             size = path.stat().st_size
             if meta["gguf.data_end"] > size:
@@ -84,6 +89,23 @@ def read_metadata(path: Path | str, keep_arrays: bool = False) -> dict[str, Any]
             return meta
     except OSError as e:
         raise ModelBroken(f"{path.name}: cannot read: {e.strerror}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError, struct.error) as e:
+        # anything a malformed header can still provoke is the same finding: not a usable GGUF
+        raise ModelBroken(f"{path.name}: corrupt GGUF header ({type(e).__name__})") from None
+
+
+def _check_types(meta: dict[str, Any], path: Path) -> None:
+    """The keys this package reads must have the types the GGUF spec gives them."""
+    arch = meta.get("general.architecture", "unknown")
+    want: dict[str, type] = {"general.architecture": str, "general.name": str, "tokenizer.chat_template": str,
+                             "general.alignment": int}
+    if isinstance(arch, str):
+        want[f"{arch}.context_length"] = int
+    for key, typ in want.items():
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, typ)):
+            raise ModelBroken(f"{path.name}: corrupt GGUF header ({key} is {type(v).__name__}, "
+                              f"expected {typ.__name__})")
 
 
 # bytes per block and elements per block of ggml types (enough to size tensors)
@@ -110,7 +132,9 @@ def _tensor_data_end(r: _Reader, n_tensors: int, meta: dict[str, Any]) -> int:
             end = max(end, offset + n * bsize // bel)
         else:  # unknown type: at least the offset must exist
             end = max(end, offset)
-    align = int(meta.get("general.alignment", 32)) or 32
+    align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or not 0 < align <= _MAX_ALIGNMENT:
+        raise ModelBroken(f"{r.path.name}: corrupt GGUF header (general.alignment {align!r})")
     start = r.f.tell()
     start += (-start) % align
     return start + end
