@@ -11,7 +11,7 @@ import pytest
 from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_tools, render, run
 
 pytestmark = pytest.mark.slow_infra
-UNITS = ["thox-api.service", "thox-firstboot.service", "thox-jetson-clocks.service"]
+UNITS = ["thox-api.service", "thox-firstboot.service", "thox-jetson-clocks.service", "thox-lan-sets.service"]
 
 
 def test_ansible_lint_production():
@@ -32,7 +32,7 @@ def _verify_root(tmp_path: Path, units: dict[str, str]) -> Path:
     units, stub executables for the paths our units run, and our units."""
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    for exe in ("opt/thox/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel"):
+    for exe in ("opt/thox/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel", "usr/local/sbin/thox-lan-sets"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")
