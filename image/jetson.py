@@ -105,6 +105,7 @@ class Plan:
     ssh_pubkey: str | None = None
     llama_wheel: Path | None = None
     wheelhouse: Path | None = None
+    demo_wheel: Path | None = None
     extra_vars: dict = field(default_factory=dict)
 
     @property
@@ -135,6 +136,8 @@ def ansible_extra_vars(plan: Plan) -> dict:
         ev["thox_api_llama_wheel"] = str(plan.llama_wheel)
     if plan.wheelhouse:
         ev["thox_api_wheelhouse_tar"] = str(plan.wheelhouse)
+    if plan.demo_wheel:
+        ev["models_demo_wheel"] = str(plan.demo_wheel)
     ev.update(plan.extra_vars)
     return ev
 
@@ -227,6 +230,7 @@ def build(args) -> int:
                 logfile=logdir / "wheelhouse-jetson-orin.log",
                 env={"THOX_LLAMA_WHEELS": str(plan.llama_wheel.parent) if plan.llama_wheel else ""})
             plan.wheelhouse = wh / "thox-wheelhouse.tar"
+            plan.demo_wheel, _ = amd64.stage_demo_wheel()
             inv = work / "inventory.json"
             inv.write_text(amd64.ansible_inventory(plan.rootfs))
             with amd64.chroot_mounts(plan.rootfs):

@@ -7,11 +7,22 @@
 The built image is never written to: each boot runs on a qcow2 overlay (8 GiB, so the
 first-boot growroot has room to grow). The SSH key to trust is handed in at run time as
 the systemd credential thox.ssh_authorized_keys (SMBIOS type 11); none is in the image.
+
+QEMU runs in its own session, so a terminal's signals reach only this script, and every way
+the command ends powers the VM off:
+  - SIGTERM, SIGHUP (the terminal closed) or SIGINT here: ACPI power-off over QMP (ssh
+    `systemctl poweroff` once the demo is up), then QEMU is killed after QEMU_STOP_TIMEOUT
+    seconds (default 30); a second signal kills it at once;
+  - the parent make stopping: GNU make, on SIGHUP or SIGINT, waits for its children without
+    passing the signal on; that is seen in its signal handlers (watch_parent) and treated as
+    SIGTERM here; the parent exiting sends SIGTERM (PR_SET_PDEATHSIG);
+  - this script dying in any way: the kernel sends QEMU SIGTERM (setpriv --pdeathsig).
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
 import json
 import os
 import shutil
@@ -19,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +40,9 @@ from imagecommon import REPO, BuildError, log  # noqa: E402
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+STOP_TIMEOUT = float(os.environ.get("QEMU_STOP_TIMEOUT", 30))
+PR_SET_PDEATHSIG = 1
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
             "-o", "ConnectTimeout=10", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"]
 
@@ -131,31 +146,143 @@ def qmp_command(sock_path: Path, command: str) -> None:
     s.close()
 
 
-def shutdown(proc: subprocess.Popen, *, port: int | None = None, key: Path | None = None, user: str = "root",
-             qmp: Path | None = None, timeout: float = 120) -> str:
-    """Clean power-off: `systemctl poweroff` over ssh, else ACPI power button over QMP, else kill."""
-    how = "kill"
-    if proc.poll() is None and port and key:
-        subprocess.run(ssh_cmd(port, key, user, "sudo -n systemctl poweroff || systemctl poweroff"),
-                       capture_output=True, timeout=30)
-        how = "ssh poweroff"
-    elif proc.poll() is None and qmp and qmp.exists():
-        qmp_command(qmp, "system_powerdown")
-        how = "ACPI power button"
+# ---------------------------------------------------------------- stopping
+class Stopped(Exception):
+    """A stop signal arrived (SIGTERM, SIGHUP, SIGINT), or the parent make is going down."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"got {signal.Signals(signum).name}")
+
+
+def _raise_stopped(signum, _frame):
+    raise Stopped(signum)
+
+
+def install_stop_handlers() -> None:
+    """TERM, HUP and INT raise Stopped. A SIGHUP ignored from the start (nohup) stays ignored;
+    SIGINT is caught even when ignored (a background job's Ctrl-C is meant for the VM too)."""
+    for sig in STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        signal.signal(sig, _raise_stopped)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask the kernel for sig when the parent exits (PR_SET_PDEATHSIG); False when the
+    parent is already gone."""
+    ppid = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    return os.getppid() == ppid
+
+
+def _caught_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+_stopping = threading.Event()
+
+
+def watch_parent(interval: float = 0.5) -> None:
+    """When the parent is make: send this process SIGTERM once make is going down.
+
+    On SIGHUP, SIGINT or SIGQUIT, GNU make resets that signal to its default action and waits
+    for its children before re-raising it; the child hears nothing. A stop signal's handler that
+    make held at the start and no longer holds is that moment (SigCgt in /proc)."""
+    ppid = os.getppid()
     try:
-        proc.wait(timeout=timeout)
-        return how
-    except subprocess.TimeoutExpired:
-        if qmp and qmp.exists():
+        if Path(f"/proc/{ppid}/comm").read_text().strip() not in ("make", "gmake"):
+            return
+        held = _caught_signals(ppid) & sum(1 << (s - 1) for s in (*STOP_SIGNALS, signal.SIGQUIT))
+    except OSError:
+        return
+    if not held:
+        return
+
+    def loop() -> None:
+        while not _stopping.is_set():
+            time.sleep(interval)
             try:
-                qmp_command(qmp, "system_powerdown")
-                proc.wait(timeout=60)
-                return "ACPI power button"
-            except (OSError, subprocess.TimeoutExpired):
+                if os.getppid() == ppid and _caught_signals(ppid) & held == held:
+                    continue
+            except OSError:
                 pass
-        proc.kill()
-        proc.wait()
-        return "killed"
+            if not _stopping.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+    threading.Thread(target=loop, name="watch-make", daemon=True).start()
+
+
+class VM:
+    """A QEMU process in its own session that is powered off when the `with` block ends, and
+    that the kernel stops (SIGTERM) if this process dies first."""
+
+    def __init__(self, cmd: list[str], qmp: Path, *, stdin=subprocess.DEVNULL):
+        self.cmd, self.qmp, self.stdin = cmd, qmp, stdin
+        self.ssh: tuple[int, Path, str] | None = None      # (port, key, user) once ssh answers
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "VM":
+        self.qmp.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *self.cmd],
+                                     stdin=self.stdin, start_new_session=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            log("powering the VM off ...")
+            log(f"VM powered off ({self.power_off()})")
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+    def power_off(self, timeout: float = STOP_TIMEOUT) -> str:
+        """ssh `systemctl poweroff` (when ssh answered) or the ACPI power button, wait up to
+        timeout seconds, then SIGTERM and SIGKILL. Any stop signal meanwhile: kill at once."""
+        _stopping.set()
+        hurry = threading.Event()
+        saved = {sig: signal.signal(sig, lambda *_: hurry.set()) for sig in STOP_SIGNALS}
+        try:
+            how = self._ask_power_off(hurry)
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and not hurry.is_set() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if self.proc.poll() is None:
+                how = "killed"
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            return how
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def _ask_power_off(self, hurry: threading.Event) -> str:
+        how = "ACPI power button"
+        if self.ssh:
+            port, key, user = self.ssh
+            try:
+                # the connection drops as the guest goes down: exit status 255 is expected then
+                if subprocess.run(ssh_cmd(port, key, user, "sudo -n systemctl poweroff || systemctl poweroff"),
+                                  capture_output=True, timeout=20).returncode in (0, 255):
+                    how = "ssh poweroff"
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            qmp_command(self.qmp, "system_powerdown")
+        except OSError:
+            if how != "ssh poweroff":
+                hurry.set()
+                how = "killed"
+        return how
 
 
 def main(argv=None) -> int:
@@ -170,29 +297,35 @@ def main(argv=None) -> int:
     ap.add_argument("--accel", default=os.environ.get("QEMU_ACCEL", "tcg"))
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for the API (demo)")
     args = ap.parse_args(argv)
+    install_stop_handlers()
+    if not die_with_parent(signal.SIGTERM):
+        log("the parent process is gone; not starting the VM")
+        return 1
     rundir = Path(args.rundir)
     try:
         overlay, vars_fd = prepare(Path(args.image), rundir)
         key = Path(args.key) if args.key else ensure_key(rundir / "id_ed25519")
         pub = Path(str(key) + ".pub").read_text()
         user = image_ssh_user(Path(args.image).parent / "manifest.json")
+        qmp = rundir / "qmp.sock"
         if args.mode == "run":
+            cmd = qemu_cmd(overlay, vars_fd, api_port=args.api_port, ssh_port=args.ssh_port, pubkey=pub,
+                           console="stdio", mem_mib=args.mem, accel=args.accel, qmp=qmp)
             log(f"booting {args.image} (TCG; Ctrl-A X quits). API http://127.0.0.1:{args.api_port}/v1, "
                 f"ssh -i {key} -p {args.ssh_port} {user}@127.0.0.1")
-            cmd = qemu_cmd(overlay, vars_fd, api_port=args.api_port, ssh_port=args.ssh_port, pubkey=pub,
-                           console="stdio", mem_mib=args.mem, accel=args.accel)
-            return subprocess.call(cmd)
+            with VM(cmd, qmp, stdin=None) as vm:
+                watch_parent()
+                return vm.wait()
         console = rundir / "console.log"
-        qmp = rundir / "qmp.sock"
         cmd = qemu_cmd(overlay, vars_fd, api_port=args.api_port, ssh_port=args.ssh_port, pubkey=pub,
                        console=str(console), mem_mib=args.mem, accel=args.accel, qmp=qmp)
         log(f"booting {args.image} in QEMU (TCG, no KVM: a few minutes); console log {console}")
-        # own session: Ctrl-C in the terminal reaches only this script, which powers the VM off cleanly
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            t = wait_health(args.api_port, args.timeout, proc)
+        with VM(cmd, qmp) as vm:
+            watch_parent()
+            t = wait_health(args.api_port, args.timeout, vm.proc)
             log(f"API ready {t:.0f}s after power-on")
-            wait_ssh(args.ssh_port, key, user, 300, proc)
+            wait_ssh(args.ssh_port, key, user, 300, vm.proc)
+            vm.ssh = (args.ssh_port, key, user)
             apikey = subprocess.run(ssh_cmd(args.ssh_port, key, user, "sudo -n cat /var/lib/thox/api_key 2>/dev/null"
                                             " || cat /var/lib/thox/api_key"),
                                     capture_output=True, text=True, check=True).stdout.strip()
@@ -201,18 +334,12 @@ def main(argv=None) -> int:
                   f"  try:      curl -s http://127.0.0.1:{args.api_port}/v1/models -H 'Authorization: Bearer {apikey}'\n"
                   "  model:    thox-demo (the guide's Python example works with model=\"thox-demo\")\n"
                   "Ctrl-C powers it off.\n", flush=True)
-            def stop(*_):
-                raise KeyboardInterrupt
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)     # also when started with SIGINT ignored (background jobs)
-            proc.wait()
-        except KeyboardInterrupt:
-            log("powering off ...")
-        finally:
-            if proc.poll() is None:
-                log(f"powered off ({shutdown(proc, port=args.ssh_port, key=key, user=user, qmp=qmp)})")
+            vm.wait()
         return 0
-    except BuildError as e:
+    except Stopped as e:
+        log(f"{e}: stopped")
+        return 0 if e.signum == signal.SIGINT else 128 + e.signum
+    except (BuildError, subprocess.CalledProcessError) as e:
         log(str(e))
         return 1
 

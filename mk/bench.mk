@@ -8,9 +8,9 @@
 #               should depend on it). llama-cpp-python itself is not touched:
 #               it stays the cached host wheel.
 #   llama-server  llama.cpp's C++ llama-server, built once from the llama.cpp
-#               source vendored in the llama-cpp-python $(LLAMA_VERSION) sdist (the
+#               source vendored in the llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) sdist (the
 #               same llama.cpp version as our engine), cached in
-#               $(CACHE)/llama-server-$(LLAMA_VERSION)/bin (about 7 minutes on 2 cores,
+#               $(CACHE)/llama-server-$(LLAMA_CPP_PYTHON_VERSION)/bin (about 7 minutes on 2 cores,
 #               once; log $(CACHE)/logs/llama-server-build.log). `make bench`
 #               depends on it through bench-deps, `make test` directly (the bench
 #               harness test checks the bench's flags against it).
@@ -36,7 +36,7 @@ $(VENV)/.bench-deps: mk/bench.mk | venv
 # the script checks its own stamp (source version + cmake flags): a no-op once built
 # (cmake and build-essential come from the lead's apt-deps; pip only to fetch the sdist once)
 llama-server: | apt-deps-once ## build llama.cpp's C++ llama-server for the bench once (cached in /var/cache/thox-build)
-	@CACHE=$(CACHE) LLAMA_VERSION=$(LLAMA_VERSION) PIP="$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip" \
+	@CACHE=$(CACHE) LLAMA_VERSION=$(LLAMA_CPP_PYTHON_VERSION) PIP="$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip" \
 	  tests/bench/build_llama_server.sh
 bench-deps: llama-server
 

@@ -6,17 +6,18 @@ IMAGE_PY      ?= python3
 IMAGE_OUT     ?= $(CURDIR)/build
 IMAGE         := $(IMAGE_OUT)/thox-amd64.img
 IMAGE_APT_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gdisk fdisk e2fsprogs \
-	systemd-boot-efi zstd openssh-client qemu-user-static binfmt-support arch-test tar xz-utils
+	systemd-boot-efi zstd openssh-client qemu-user-static binfmt-support arch-test tar xz-utils python3-pip \
+	util-linux systemd
 API_PORT      ?= 8080
 SSH_PORT      ?= 2222
+# the VM's overlay disk, firmware variables, throwaway ssh key, QMP socket and console log
+RUNDIR        ?= $(IMAGE_OUT)/run
 IMAGE_ARGS    ?=
 
 .PHONY: image-deps image-apt-deps image-wheel image run-image image-demo flash test-image test-image-unit
 
 image-apt-deps: ## Debian packages the image builder needs (mmdebstrap, qemu, ovmf, mtools, ...)
-	@missing=""; for p in $(IMAGE_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "apt: installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+	$(call apt_install,$(IMAGE_APT_PACKAGES),--no-install-recommends)
 
 # Ansible comes from the provisioning venv (.venv-ansible, mk/provision.mk): one
 # pinned Ansible for live boxes and image builds alike.
@@ -29,12 +30,14 @@ image-wheel: ## the portable (GGML_NATIVE=OFF) llama-cpp-python wheel for the im
 image: image-deps ## build the image: TARGET=amd64 (build/thox-amd64.img) or TARGET=jetson-orin (flash package)
 	ANSIBLE_PLAYBOOK=$(ANSIBLE_BIN)/ansible-playbook $(IMAGE_PY) image/build.py --target $(TARGET) --out $(IMAGE_OUT) $(IMAGE_ARGS)
 
+# QEMU runs in its own session; whatever ends the command (Ctrl-C, SIGTERM, SIGHUP when the
+# terminal closes, make or qemu.py killed) powers the VM off (image/qemu.py)
 run-image: image-apt-deps ## boot build/thox-amd64.img in QEMU (TCG, UEFI); 127.0.0.1:8080->8080, :2222->22
 	@test -f $(IMAGE) || $(MAKE) image
-	$(IMAGE_PY) image/qemu.py run --image $(IMAGE) --api-port $(API_PORT) --ssh-port $(SSH_PORT)
+	$(IMAGE_PY) image/qemu.py run --image $(IMAGE) --rundir $(RUNDIR) --api-port $(API_PORT) --ssh-port $(SSH_PORT)
 
 image-demo: image ## build the image with the demo model, boot it, print base URL + API key; Ctrl-C stops
-	$(IMAGE_PY) image/qemu.py demo --image $(IMAGE) --api-port $(API_PORT) --ssh-port $(SSH_PORT)
+	$(IMAGE_PY) image/qemu.py demo --image $(IMAGE) --rundir $(RUNDIR) --api-port $(API_PORT) --ssh-port $(SSH_PORT)
 
 flash: ## Jetson: flash the package made by `make image TARGET=jetson-orin` (board in recovery mode, USB)
 	$(IMAGE_PY) image/jetson.py flash --out $(IMAGE_OUT) $(IMAGE_ARGS)

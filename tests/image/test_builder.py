@@ -1,6 +1,7 @@
 """Unit tests of the amd64 image builder's parts (no image is built here: seconds)."""
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import build
 import imagecommon as common
 import qemu
+from imagecommon import pins, statefiles
+from thoxtest import require
 
 KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "\n".join(["b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW"] * 4)
        + "\n-----END OPENSSH PRIVATE KEY-----\n").encode()
@@ -44,13 +47,41 @@ def _tree(tmp_path):
 def test_scan_finds_secrets_and_per_device_data(tmp_path):
     root = _tree(tmp_path)
     problems = build.scan_rootfs(root)
-    assert "etc/machine-id is not empty" in problems
-    assert "etc/ssh/ssh_host_ed25519_key exists" in problems
-    assert "var/lib/thox/api_key exists" in problems
+    assert "etc/machine-id: secret or per-device file" in problems
+    assert "etc/ssh/ssh_host_ed25519_key: secret or per-device file" in problems
+    assert "var/lib/thox/api_key: secret or per-device file" in problems
     assert "root/notes.txt holds a private key" in problems
     assert not any("libfake" in p for p in problems), "key blocks inside programs are package constants"
-    (root / "var/lib/thox/config.json").write_text(json.dumps({"api": {"key": "k" * 64}}))
-    assert "var/lib/thox/config.json holds api.key" in build.scan_rootfs(root)
+    assert not any("config.json" in p for p in problems), "settings are not secrets"
+
+
+def _every_secret_file(root: Path) -> list[str]:
+    """One file for each name of the app's list (thox.statefiles), with content."""
+    home = statefiles.home_in(root)
+    names = [str((home / n).relative_to(root)) for n in statefiles.SECRET_FILES]
+    names += [str((home / f".{n}.x1y2.tmp").relative_to(root)) for n in statefiles.SECRET_FILES]
+    names += [g.replace("*", "thox") for g in statefiles.HOST_SECRET_GLOBS]
+    for rel in names:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("per-device or secret\n")
+    return names
+
+
+def test_builder_removes_and_scans_with_the_apps_secret_list(tmp_path, monkeypatch):
+    """The builder has no list of its own: every file the app's list names is reported by the
+    scan and gone after finalize (etc/machine-id stays, empty: systemd's first-boot marker)."""
+    root = _tree(tmp_path)
+    (root / "root/notes.txt").unlink()
+    names = _every_secret_file(root)
+    problems = build.scan_rootfs(root)
+    for rel in names:
+        assert f"{rel}: secret or per-device file" in problems, rel
+    monkeypatch.setattr(build, "run", lambda cmd, **kw: None)
+    build.finalize_rootfs(root, "amd64")
+    assert build.scan_rootfs(root) == []
+    left = [rel for rel in names if (root / rel).exists() and rel != "etc/machine-id"]
+    assert left == []
+    assert (root / "etc/machine-id").read_text() == ""
 
 
 def test_finalize_leaves_a_clean_tree(tmp_path, monkeypatch):
@@ -92,13 +123,13 @@ def test_mmdebstrap_command_caches_debs_and_records_list_dates(tmp_path):
     assert f"--setup-hook=sync-in {tmp_path / 'debs'} /var/cache/apt/archives/" in cmd
     assert f"--customize-hook=sync-out /var/cache/apt/archives {tmp_path / 'debs'}" in cmd
     assert "--skip=cleanup/apt/lists" in cmd
-    assert cmd[-4:-3] == ["bookworm"] or "bookworm" in cmd
+    assert pins.DEBIAN_SUITE in cmd
 
 
 def test_playbook_command_uses_chroot_connection_and_image_vars(tmp_path):
-    ev = build.image_extra_vars("amd64", Path("/w/llama.whl"), {"x": 1}, Path("/w/wh.tar"))
+    ev = build.image_extra_vars("amd64", Path("/w/llama.whl"), {"x": 1}, Path("/w/wh.tar"), Path("/w/demo.whl"))
     assert ev == {"thox_image_build": True, "thox_target": "generic", "thox_api_llama_wheel": "/w/llama.whl",
-                  "thox_api_wheelhouse_tar": "/w/wh.tar", "x": 1}
+                  "thox_api_wheelhouse_tar": "/w/wh.tar", "models_demo_wheel": "/w/demo.whl", "x": 1}
     cmd = build.ansible_cmd(tmp_path, "amd64", Path("site.yml"), tmp_path / "inv.json", ev, "ap")
     assert cmd[:4] == ["ap", "-i", str(tmp_path / "inv.json"), "site.yml"]
     inv = json.loads(build.ansible_inventory(tmp_path))
@@ -151,9 +182,8 @@ def test_failed_build_leaves_no_image(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob(".thox-amd64*"))
 
 
-@pytest.mark.skipif(not Path("/usr/lib/systemd/systemd-analyze").exists() and not
-                    Path("/usr/bin/systemd-analyze").exists(), reason="no systemd-analyze")
 def test_overlay_units_verify(repo, tmp_path):
+    require(shutil.which("systemd-analyze"), "systemd-analyze is not installed (make image-deps: systemd)")
     units = sorted((repo / "image/overlay/etc/systemd/system").glob("*.service"))
     assert units
     p = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True)

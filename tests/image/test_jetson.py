@@ -13,6 +13,7 @@ import pytest
 
 import imagecommon as common
 import jetson
+from thoxtest import require
 
 FAKE_SCRIPT = """#!/bin/sh
 # fixture stand-in for NVIDIA's {name}: records how it was called
@@ -180,8 +181,8 @@ def test_binfmt_detection(tmp_path):
 
 
 # ------------------------------------------------------------------ the whole pipeline on fixtures
-@pytest.mark.skipif(os.geteuid() != 0, reason="extracting a root fs with owners needs root")
 def test_pipeline_on_fixture_tarballs(fixtures, tmp_path, monkeypatch, capsys):
+    require(os.geteuid() == 0, "extracting a root fs with owners needs root")
     real_run = common.run
     recorded = []
 
@@ -214,8 +215,8 @@ def test_pipeline_on_fixture_tarballs(fixtures, tmp_path, monkeypatch, capsys):
     assert ready["bsp_sha256"] == fixtures["pins"]["downloads"]["bsp"]["sha256"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_pipeline_failure_names_the_stage(fixtures, tmp_path, monkeypatch, capsys):
+    require(os.geteuid() == 0, "the pipeline needs root")
     pins = json.loads(fixtures["pins_file"].read_text())
     pins["downloads"]["sample_rootfs"]["sha256"] = "f" * 64
     fixtures["pins_file"].write_text(json.dumps(pins))
@@ -227,14 +228,13 @@ def test_pipeline_failure_names_the_stage(fixtures, tmp_path, monkeypatch, capsy
 
 
 def test_flash_refuses_without_package(tmp_path, capsys):
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+    require(os.geteuid() == 0, "flashing needs root")
     assert jetson.main(["flash", "--out", str(tmp_path)]) == 1
     assert "no flash package" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_unpinned_input_stops_before_any_download(fixtures, tmp_path, monkeypatch, capsys):
+    require(os.geteuid() == 0, "the pipeline needs root")
     pins = json.loads(fixtures["pins_file"].read_text())
     pins["downloads"]["sample_rootfs"]["sha256"] = None
     pins["downloads"]["bsp"]["url"] = "http://127.0.0.1:9/never-fetched.tbz2"
