@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
+import shutil
+import site
 import stat
 import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
-from thoxtest import THOX, run_thox
+from thoxtest import ROOT, THOX, require, run_thox
+
+PYTHON = os.path.join(os.path.dirname(THOX), "python")
 
 
 def one_line_error(p: subprocess.CompletedProcess, needle: str = "") -> str:
@@ -147,3 +156,246 @@ def test_status_over_the_api(server):
     rows = json.loads(run_thox(server.home, "models", "status", "--json",
                                env={"THOX_API_URL": server.base_url}).stdout)
     assert {r["id"] for r in rows} >= {"tiny", "thox-demo"}
+
+
+# --------------------------------------------------------------------------- first boot in pieces
+
+FIRSTBOOT_KILLED_BEFORE_PASSWORD = r"""
+import os, sys
+import thox.web.admin as admin
+def power_cut(*a, **kw):
+    os.kill(os.getpid(), 9)
+admin.ensure_admin_password = power_cut
+from thox.cli import main
+sys.exit(main(["firstboot"]))
+"""
+
+FIRSTBOOT_UNIT = ROOT / "systemd" / "thox-firstboot.service"
+
+
+def unit_would_run(home: Path) -> bool:
+    """Evaluate thox-firstboot.service's conditions with systemd's own evaluator,
+    its /var/lib/thox paths pointed at ``home``."""
+    conds = [ln.strip().replace("/var/lib/thox", str(home)) for ln in FIRSTBOOT_UNIT.read_text().splitlines()
+             if ln.strip().startswith("Condition")]
+    assert conds, "thox-firstboot.service has no condition"
+    p = subprocess.run(["systemd-analyze", "condition", *conds], capture_output=True, text=True, timeout=60)
+    assert p.returncode in (0, 1) and "Conditions" in p.stdout + p.stderr, p.stdout + p.stderr
+    return p.returncode == 0
+
+
+def test_firstboot_unit_runs_until_every_piece_exists():
+    from thox.statefiles import FIRSTBOOT_FILES
+    text = FIRSTBOOT_UNIT.read_text()
+    assert {f"ConditionPathExists=|!/var/lib/thox/{f}" for f in FIRSTBOOT_FILES} == \
+        {ln.strip() for ln in text.splitlines() if ln.startswith("Condition")}
+
+
+def test_firstboot_interrupted_after_the_key_finishes_on_the_next_boot(tmp_path):
+    require(shutil.which("systemd-analyze"), "systemd-analyze (package systemd) evaluates the unit's conditions")
+    home = tmp_path / "home"
+    home.mkdir()
+    assert unit_would_run(home)
+    p = subprocess.run([PYTHON, "-c", FIRSTBOOT_KILLED_BEFORE_PASSWORD], capture_output=True, text=True,
+                       env={**os.environ, "THOX_HOME": str(home)}, timeout=120)
+    assert p.returncode == -9, p.stderr          # power lost between the key and the admin password
+    key = (home / "api_key").read_text()
+    assert not (home / "admin.json").exists()
+    assert unit_would_run(home), "the next boot must run first boot again"
+    out = run_thox(home, "firstboot").stdout
+    assert "admin password" in out and "API key" not in out
+    assert (home / "api_key").read_text() == key   # the finished piece is kept
+    assert json.loads((home / "admin.json").read_text())["must_change"] is True
+    assert stat.S_IMODE((home / "admin-password.txt").stat().st_mode) == 0o600
+    assert not unit_would_run(home), "a finished first boot must not run again"
+    assert run_thox(home, "firstboot").stdout == ""   # idempotent
+
+
+# --------------------------------------------------------------------------- root against another user's THOX_HOME
+
+def _world_can_run(path: str) -> bool:
+    p = Path(os.path.realpath(path))
+    return all(d.stat().st_mode & 0o001 for d in [*reversed(p.parents), p])
+
+
+def cli_for_any_user() -> list[str]:
+    """A command line of the CLI that still works after it became another user:
+    this interpreter when anyone may run it, else the system's python of the same
+    version with this venv's packages (a venv made from an interpreter under a
+    private /root cannot import once it is no longer root)."""
+    if _world_can_run(sys.executable):
+        return [sys.executable, "-m", "thox.cli"]
+    system = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/bin")
+    require(system and _world_can_run(system), "a python3 that any user may run (/usr/bin/python3)")
+    boot = (f"import site, sys\nfor d in {site.getsitepackages()!r}: site.addsitedir(d)\n"
+            "from thox.cli import main\nsys.exit(main())\n")
+    return [system, "-I", "-S", "-c", boot]   # -S: none of the system's dist-packages, only the venv's
+
+
+@pytest.fixture(scope="module")
+def other_user():
+    """A throwaway system user and group (removed afterwards): (name, uid, gid)."""
+    require(os.geteuid() == 0, "root (CI runs as root): these tests run the CLI as root")
+    require(shutil.which("useradd"), "useradd (package passwd)")
+    name = f"thoxt{secrets.token_hex(3)}"
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+    pw = pwd.getpwnam(name)
+    yield name, pw.pw_uid, pw.pw_gid
+    subprocess.run(["userdel", name], capture_output=True)
+    subprocess.run(["groupdel", name], capture_output=True)
+
+
+@pytest.fixture
+def owned_home(other_user):
+    """THOX_HOME owned by the other user (0750) in a directory anyone may traverse."""
+    _, uid, gid = other_user
+    base = Path(tempfile.mkdtemp(prefix="thox-root-"))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir(mode=0o750)
+    os.chown(home, uid, gid)
+    yield home
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def as_root(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([*cli_for_any_user(), *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "THOX_HOME": str(home)})
+    if check and p.returncode != 0:
+        raise AssertionError(f"thox {' '.join(args)} (as root) failed ({p.returncode}): {p.stderr}")
+    return p
+
+
+def owner_and_mode(p: Path) -> tuple[int, int, int]:
+    st = p.lstat()
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def test_root_writes_files_the_owner_of_thox_home_owns(owned_home, other_user):
+    _, uid, gid = other_user
+    home = owned_home
+    key = as_root(home, "api-key", "generate").stdout.strip()
+    assert owner_and_mode(home / "api_key") == (uid, gid, 0o600)
+    assert as_root(home, "config", "get", "api.key").stdout.strip() == key
+    as_root(home, "config", "set", "api.port", "9999")
+    assert owner_and_mode(home / "config.json") == (uid, gid, 0o644)
+    hexkey = secrets.token_hex(32)
+    as_root(home, "config", "set", "api.key", hexkey)
+    assert owner_and_mode(home / "api_key") == (uid, gid, 0o600)
+    assert (home / "api_key").read_text().strip() == hexkey
+    as_root(home, "firstboot")
+    for name in ("admin.json", "admin-password.txt"):
+        assert owner_and_mode(home / name) == (uid, gid, 0o600), name
+    first = (home / "admin-password.txt").read_text().strip()
+    pw = as_root(home, "admin-password", "reset").stdout.strip()
+    assert pw != first and (home / "admin-password.txt").read_text().strip() == pw
+    assert owner_and_mode(home / "admin-password.txt") == (uid, gid, 0o600)
+    as_root(home, "models", "list")
+    leftovers = [p for p in home.rglob("*") if p.lstat().st_uid != uid]
+    assert leftovers == [], f"files root left behind as root: {leftovers}"
+
+
+def _start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+    from thoxtest import free_port
+    port = free_port()
+    log = open(home.parent / f"serve-{port}.log", "w")
+    proc = subprocess.Popen([*cli_for_any_user(), "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            env={**os.environ, "THOX_HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"thox serve exited: {(home.parent / f'serve-{port}.log').read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("thox serve did not become ready")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def test_rotation_by_root_takes_effect_live_and_survives_a_restart(owned_home, other_user):
+    import httpx
+    _, uid, _ = other_user
+    home = owned_home
+    old = as_root(home, "api-key", "generate").stdout.strip()
+    proc, url = _start_server(home)
+    try:
+        assert _uid_of(proc.pid) == uid, "root's `thox serve` must run as the owner of THOX_HOME"
+        auth = lambda k: {"Authorization": f"Bearer {k}"}  # noqa: E731
+        assert httpx.get(url + "/v1/models", headers=auth(old), timeout=10).status_code == 200
+        new = as_root(home, "api-key", "generate").stdout.strip()
+        assert new != old
+        assert httpx.get(url + "/v1/models", headers=auth(new), timeout=10).status_code == 200
+        assert httpx.get(url + "/v1/models", headers=auth(old), timeout=10).status_code == 401
+        newer = secrets.token_hex(32)
+        as_root(home, "config", "set", "api.key", newer)
+        assert httpx.get(url + "/v1/models", headers=auth(newer), timeout=10).status_code == 200
+        assert httpx.get(url + "/v1/models", headers=auth(new), timeout=10).status_code == 401
+    finally:
+        _stop(proc)
+    proc, url = _start_server(home)   # and the service still starts afterwards
+    try:
+        assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {newer}"},
+                         timeout=10).status_code == 200
+    finally:
+        _stop(proc)
+
+
+def test_symlinks_planted_by_the_owner_do_not_make_root_write(owned_home, other_user, models_dir):
+    """The owner of THOX_HOME plants links at the pull lock and partial paths,
+    pointing at a root-owned file; root's pulls neither follow nor truncate them."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    import functools
+    import hashlib
+    import threading
+    _, uid, gid = other_user
+    home = owned_home
+    victim = home.parent / "root-owned"
+    victim.write_text("precious\n")
+    models = home / "models"
+    for d in (models, models / ".locks", models / ".partial"):
+        d.mkdir()
+        os.chown(d, uid, gid)
+    (models / ".locks" / "x.lock").symlink_to(victim)
+    os.lchown(models / ".locks" / "x.lock", uid, gid)
+    serve_dir = home.parent / "www"
+    serve_dir.mkdir()
+    shutil.copy(models_dir / "tiny.gguf", serve_dir / "tiny.gguf")
+    digest = hashlib.sha256((serve_dir / "tiny.gguf").read_bytes()).hexdigest()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0),
+                                functools.partial(SimpleHTTPRequestHandler, directory=str(serve_dir)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/tiny.gguf"
+    try:
+        p = as_root(home, "models", "pull", "x", "--from", url, "--sha256", digest, check=False)
+        one_line_error(p, "symlink")
+        assert victim.read_text() == "precious\n" and owner_and_mode(victim)[0] == 0
+        part = models / ".partial" / "y.gguf.part"
+        part.symlink_to(victim)
+        (models / ".partial" / "y.json").write_text(json.dumps({"url": url, "expected_sha256": digest}))
+        as_root(home, "models", "pull", "y", "--from", url, "--sha256", digest)
+        assert victim.read_text() == "precious\n" and owner_and_mode(victim)[0] == 0
+        assert owner_and_mode(models / "y")[0] == uid
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

