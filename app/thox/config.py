@@ -105,6 +105,15 @@ _parse_size = _parse_scaled({"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 <<
 _parse_duration = _parse_scaled({"h": 3600, "m": 60, "s": 1})
 
 
+def _parse_hosts(v: Any) -> str:
+    """Host names separated by commas or spaces; stored lowercase, comma-separated."""
+    items = [h.strip().lower().rstrip(".") for h in re.split(r"[,\s]+", str(v)) if h.strip()]
+    for h in items:
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9-]{1,63})*", h):
+            raise ValueError(f"{h!r} is not a host name")
+    return ",".join(items)
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -133,6 +142,8 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("api.queue_size", _parse_int(0, 10000), 8, "requests that may wait per model before 429"),
     Key("api.rate_limit", _parse_int(0, 1000000), 100, "requests per minute per client (0 = off)"),
     Key("api.rate_limit_loopback", _parse_bool, False, "also rate-limit clients on the box itself"),
+    Key("api.web_hosts", _parse_hosts, "", "more names the web page answers to (comma-separated), besides the "
+        "host name, <host name>.local, localhost and IP addresses"),
     Key("default_model", _parse_str, "thox-demo", "model used by `thox` commands when none is named"),
     Key("models.mirror", _parse_str, "https://huggingface.co", "base URL that catalog downloads are fetched from"),
     Key("models.memory_budget", _parse_size, None, "bytes loaded models may use (default: 3/4 of RAM)"),

@@ -14,8 +14,24 @@ Security model (plain HTTP on a LAN, so no ``Secure`` cookies):
 * Every POST needs the session's CSRF token (hidden field ``csrf`` or header
   ``X-CSRF-Token``, compared in constant time) and, when the browser sends
   one, an ``Origin`` matching the ``Host``; otherwise a 403 page.
-* Sign-in attempts: 5 per minute per client IP, and a global backoff after
-  30 failures per minute from anywhere; then 429 with ``Retry-After``.
+* The pages answer only to the names the box has: its host name,
+  ``<host name>.local`` (and avahi's ``<host name>-N.local`` after a name
+  conflict), ``localhost``, any IP address literal, and the names in the
+  config key ``api.web_hosts``. Any other ``Host`` gets 421 (400 when
+  malformed), so a page on another site whose name an attacker re-points at
+  the box (DNS rebinding) can neither read these pages nor post to them. An
+  IP literal cannot be rebound: a page at ``http://192.168.1.50/`` has that
+  address as its origin. The API (``/v1``, ``/health``, ``/metrics``) keeps
+  answering any ``Host``: every ``/v1`` route needs the bearer key, which a
+  rebinding page does not have, and API clients reach the box by names the
+  box cannot know (tunnels, proxies, local DNS).
+* Sign-in failures are counted per client address over a minute: after 5
+  that address waits (429 with ``Retry-After``). During a storm (30 failures
+  a minute from all addresses together) an address with any failure in the
+  window waits as well, while an address with none may still try, so a storm
+  from other addresses never locks the right password out. (Per address, not
+  per IPv6 /64: the box is LAN-only, and a LAN's clients share one /64.)
+  Password checks run one at a time, which bounds the guess rate overall.
 * The API key appears only in the body of a page for a signed-in session
   (``Cache-Control: no-store``); never in a URL, a redirect or a log line.
   Rotation is a POST and calls ``Config.generate_api_key()``; the API
@@ -31,12 +47,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import math
 import re
 import secrets
+import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +69,9 @@ COOKIE = "thox_session"
 IDLE_TIMEOUT = 30 * 60
 ABSOLUTE_TIMEOUT = 12 * 3600
 MAX_SESSIONS = 2000
-LOGIN_PER_IP = 5            # attempts per LOGIN_WINDOW per client IP
-LOGIN_GLOBAL_FAILURES = 30  # failures per LOGIN_WINDOW from all clients together
+LOGIN_PER_CLIENT = 5       # failures per LOGIN_WINDOW per client address
+LOGIN_STORM = 30           # failures per LOGIN_WINDOW from all clients together: a storm
+LOGIN_MAX_CLIENTS = 10000  # client addresses tracked (the least recently failed dropped first)
 LOGIN_WINDOW = 60.0
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -119,13 +138,30 @@ class Sessions:
             del self._by_id[sid]
 
 
-class LoginLimiter:
-    """Sliding one-minute windows: attempts per IP, failures overall."""
+def client_key(ip: str) -> str:
+    """The address sign-in failures are counted under (IPv4-mapped IPv6 as IPv4)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
 
-    def __init__(self, per_ip: int = LOGIN_PER_IP, global_failures: int = LOGIN_GLOBAL_FAILURES,
-                 window: float = LOGIN_WINDOW) -> None:
-        self.per_ip, self.global_failures, self.window = per_ip, global_failures, window
-        self._ip: dict[str, deque[float]] = {}
+
+class LoginLimiter:
+    """Sliding windows of sign-in failures, per client address and overall.
+
+    An address waits once it has ``per_client`` failures in the window or,
+    while failures overall reach ``storm``, once it has any. An address with
+    no failure in the window may always try. An attempt counts as a failure
+    from the start and is taken back when the password was right, so parallel
+    attempts from one address get no more tries than sequential ones."""
+
+    def __init__(self, per_client: int = LOGIN_PER_CLIENT, storm: int = LOGIN_STORM,
+                 window: float = LOGIN_WINDOW, max_clients: int = LOGIN_MAX_CLIENTS) -> None:
+        self.per_client, self.storm, self.window, self.max_clients = per_client, storm, window, max_clients
+        self._clients: OrderedDict[str, deque[float]] = OrderedDict()
         self._failures: deque[float] = deque()
 
     def _trim(self, q: deque[float], now: float) -> None:
@@ -135,28 +171,45 @@ class LoginLimiter:
     def retry_after(self, ip: str) -> int:
         """0 when ``ip`` may try now, else seconds to wait."""
         now = time.monotonic()
+        key = client_key(ip)
+        q = self._clients.get(key)
+        if q is None:
+            return 0
+        self._trim(q, now)
+        if not q:
+            del self._clients[key]
+            return 0
         self._trim(self._failures, now)
-        waits = []
-        if len(self._failures) >= self.global_failures:
-            waits.append(self._failures[0] + self.window - now)
-        q = self._ip.get(ip)
-        if q is not None:
-            self._trim(q, now)
-            if not q:
-                del self._ip[ip]
-            elif len(q) >= self.per_ip:
-                waits.append(q[0] + self.window - now)
-        return max(1, math.ceil(max(waits))) if waits else 0
+        if len(q) >= self.per_client:
+            wait = q[-self.per_client] + self.window - now
+        elif len(self._failures) >= self.storm:
+            # until this client's failures age out or the storm dies down, whichever is first
+            wait = min(q[-1], self._failures[-self.storm]) + self.window - now
+        else:
+            return 0
+        return max(1, math.ceil(wait))
 
-    def attempt(self, ip: str) -> None:
-        if len(self._ip) > 10000:     # bound memory under a spray of addresses
-            now = time.monotonic()
-            for k in [k for k, q in self._ip.items() if not q or now - q[-1] >= self.window]:
-                del self._ip[k]
-        self._ip.setdefault(ip, deque()).append(time.monotonic())
+    def attempt(self, ip: str) -> float:
+        """Count an attempt as a failure; returns the token ``succeeded`` takes back."""
+        now = time.monotonic()
+        key = client_key(ip)
+        q = self._clients.pop(key, None) or deque()
+        q.append(now)
+        while len(q) > self.per_client:
+            q.popleft()
+        self._clients[key] = q            # the most recently failed last
+        while len(self._clients) > self.max_clients:
+            self._clients.popitem(last=False)
+        self._failures.append(now)
+        self._trim(self._failures, now)
+        return now
 
-    def failure(self) -> None:
-        self._failures.append(time.monotonic())
+    def succeeded(self, ip: str, token: float) -> None:
+        """The attempt ``token`` had the right password: it is no failure."""
+        q = self._clients.get(client_key(ip))
+        for seen in (q, self._failures):
+            if seen is not None and token in seen:
+                seen.remove(token)
 
 
 class WebState:
@@ -194,17 +247,43 @@ _HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1
                       r"(?::(\d{1,5}))?$")
 
 
+def request_host() -> tuple[str, int | None] | None:
+    """(host, port) from the ``Host`` header (an IPv6 literal keeps its
+    brackets); None when it is missing or malformed."""
+    raw = request.headers.get("Host", "")
+    m = _HOST_RE.match(raw) if len(raw) <= 260 else None
+    if not m:
+        return None
+    if m.group(1):
+        return raw[: m.start(1) - 1], int(m.group(1))
+    return raw, None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return False
+    return True
+
+
+def known_host(host: str) -> bool:
+    """Whether ``host`` is a name (or an address) this box answers to."""
+    name = host.lower().rstrip(".")
+    if _is_ip_literal(name) or name in ("localhost", "localhost.localdomain"):
+        return True
+    own = socket.gethostname().lower().rstrip(".")
+    short = own.split(".", 1)[0]
+    if name in (own, short) or re.fullmatch(rf"{re.escape(short)}(?:-\d+)?\.local", name):
+        return True
+    return name in str(_cfg().get("api.web_hosts") or "").split(",")
+
+
 def api_base_url() -> str:
     """``http://<host>:<api port>/v1`` for the host the browser used. A page
     served on the extra web port (80) still points at the API port."""
     cfg = _cfg()
-    raw = request.headers.get("Host", "")
-    m = _HOST_RE.match(raw) if len(raw) <= 260 else None
-    if m:
-        host = raw[: m.start(1) - 1] if m.group(1) else raw
-        host_port = int(m.group(1)) if m.group(1) else None
-    else:
-        host, host_port = "thox.local", None
+    host, host_port = request_host() or ("thox.local", None)
     server = request.scope.get("server") or (None, None)
     server_port = server[1] if isinstance(server, (tuple, list)) and len(server) > 1 else None
     web_port = int(cfg.get("api.web_port") or 0)
@@ -364,6 +443,25 @@ def _current_gen() -> str:
 # --------------------------------------------------------------------------- hooks
 
 @blueprint.before_request
+async def _check_host():
+    """Only the box's own names reach these pages (the DNS rebinding guard)."""
+    if "Host" not in request.headers:
+        return None        # HTTP/1.0 without a Host header: not a browser
+    parsed = None if request.scope.get(BAD_HOST) else request_host()
+    if parsed is None:
+        await request.get_data()
+        return await _error_page(400, "Bad request", "The Host header of this request is not valid.")
+    if not known_host(parsed[0]):
+        await request.get_data()     # read the body, so the connection can carry the next request
+        log.warning("web: request for a host name this device does not have, from %s", _client_ip())
+        return await _error_page(
+            421, "Misdirected request",
+            "This device does not answer to that name. Open it by its own name (such as thox.local) or its "
+            "IP address; `thox config set api.web_hosts NAME` adds a name.")
+    return None
+
+
+@blueprint.before_request
 async def _load_session():
     st = _state()
     presented = request.cookies.get(COOKIE)
@@ -416,7 +514,7 @@ async def _headers(resp: Response) -> Response:
 async def _http_error(e: HTTPException):
     status = e.code or 500
     titles = {400: "Bad request", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
-              413: "Request too large", 429: "Too many requests"}
+              413: "Request too large", 421: "Misdirected request", 429: "Too many requests"}
     return await _error_page(status, titles.get(status, e.name), e.description or e.name)
 
 
@@ -469,15 +567,15 @@ async def login_post():
         log.warning("web: sign-in rate limit for %s (retry in %ss)", ip, wait)
         return await _error_page(429, "Too many sign-in attempts",
                                  f"Wait {wait} seconds before trying again.", {"Retry-After": str(wait)})
-    st.limiter.attempt(ip)
+    token = st.limiter.attempt(ip)
     form = await request.form
     password = form.get("password", "")
     ok = await _slow(admin.check_password, cfg, password)
     if not ok:
-        st.limiter.failure()
         log.warning("web: failed sign-in from %s", ip)
         return await _page("login.html", status=401, first_boot=admin.password_file(cfg).exists(),
                            error="That password is not right.")
+    st.limiter.succeeded(ip, token)
     # a fresh session id: whatever id the browser had before is now worthless
     old = g.web_session
     if old is not None:
@@ -513,13 +611,13 @@ async def password_post():
         if wait:
             return await _error_page(429, "Too many attempts", f"Wait {wait} seconds before trying again.",
                                      {"Retry-After": str(wait)})
-        st.limiter.attempt(ip)
+        token = st.limiter.attempt(ip)
         current = form.get("current_password", "")
         if not await _slow(admin.check_password, cfg, current):
-            st.limiter.failure()
             log.warning("web: wrong current password on change from %s", ip)
             return await _page("password.html", status=400, must_change=False,
                                error="The current password is not right.")
+        st.limiter.succeeded(ip, token)
     try:
         admin.check_policy(new, confirm, current)
         if s.must_change and await _slow(admin.check_password, cfg, new):
@@ -566,7 +664,30 @@ async def rotate_key_get():
     return redirect("/#api-key", 303)
 
 
+BAD_HOST = "thox.bad_host"     # ASGI scope flag: the request's Host header was unusable
+
+
+def _guard_host_header(asgi_app):
+    """Werkzeug cannot build a request context for a Host it cannot IDNA-encode
+    (an empty or over-long label) and the request would end in a 500 before any
+    handler runs. Such a Host is replaced by ``invalid`` and the request flagged:
+    the web pages answer 400, the API (which ignores Host) answers as usual."""
+    async def guarded(scope, receive, send):
+        if scope.get("type") == "http":
+            headers = scope.get("headers") or []
+            host = next((v for k, v in headers if k.lower() == b"host"), None)
+            if host is not None:
+                try:
+                    host.decode("latin-1").lower().encode("idna")
+                except UnicodeError:
+                    headers = [(k, v) for k, v in headers if k.lower() != b"host"] + [(b"host", b"invalid")]
+                    scope = {**scope, "headers": headers, BAD_HOST: True}
+        await asgi_app(scope, receive, send)
+    return guarded
+
+
 def register(app: Quart) -> None:
     """Mount the web page on ``app`` (the API's Quart app)."""
     app.extensions["thox_web"] = WebState()
     app.register_blueprint(blueprint)
+    app.asgi_app = _guard_host_header(app.asgi_app)
