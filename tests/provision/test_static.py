@@ -82,7 +82,7 @@ def test_thox_api_unit_contract():
         assert re.search(rf"^{re.escape(line)}$", u, re.M), line
     assert not re.search(r"^PrivateDevices=", u, re.M), "CUDA on Jetson needs /dev/nvhost*"
     f = (SYSTEMD_DIR / "thox-firstboot.service").read_text()
-    assert "ConditionPathExists=!/var/lib/thox/api_key" in f
+    assert "ConditionPathExists=|!/var/lib/thox/api_key" in f and "ConditionPathExists=|!/var/lib/thox/admin.json" in f
     assert "ExecStart=/opt/thox/venv/bin/thox firstboot" in f and "User=thox" in f
 
 
