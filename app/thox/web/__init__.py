@@ -162,7 +162,7 @@ class LoginLimiter:
                  window: float = LOGIN_WINDOW, max_clients: int = LOGIN_MAX_CLIENTS) -> None:
         self.per_client, self.storm, self.window, self.max_clients = per_client, storm, window, max_clients
         self._clients: OrderedDict[str, deque[float]] = OrderedDict()
-        self._failures: deque[float] = deque()
+        self._failures: deque[float] = deque(maxlen=storm)   # the latest ones tell whether it storms
 
     def _trim(self, q: deque[float], now: float) -> None:
         while q and now - q[0] >= self.window:
@@ -184,7 +184,7 @@ class LoginLimiter:
             wait = q[-self.per_client] + self.window - now
         elif len(self._failures) >= self.storm:
             # until this client's failures age out or the storm dies down, whichever is first
-            wait = min(q[-1], self._failures[-self.storm]) + self.window - now
+            wait = min(q[-1], self._failures[0]) + self.window - now
         else:
             return 0
         return max(1, math.ceil(wait))
