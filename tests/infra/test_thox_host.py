@@ -11,6 +11,7 @@ import re
 import shlex
 import urllib.request
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.slow_infra
 API_PORT = int(os.environ.get("THOX_API_PORT", "8080"))
 WEB_PORT = int(os.environ.get("THOX_WEB_PORT", "80"))
 HOME = "/var/lib/thox"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def root(host):
@@ -71,6 +73,10 @@ def test_app_installed_in_venv(host):
 def test_units_installed_from_repo(host, unit):
     f = host.file(f"/etc/systemd/system/{unit}")
     assert f.is_file and f.user == "root" and f.mode == 0o644
+    assert f.content_string == (REPO / "systemd" / unit).read_text(), f"{unit} differs from systemd/{unit}"
+    # what systemd runs is that file, with nothing layered on top
+    p = host.run(f"systemctl show -p FragmentPath -p DropInPaths {unit}").stdout
+    assert f"FragmentPath=/etc/systemd/system/{unit}" in p and re.search(r"^DropInPaths=$", p, re.M), p
 
 
 @pytest.mark.parametrize("unit", [
@@ -128,9 +134,39 @@ def test_nft_ruleset(host):
     assert "224.0.0.251 udp dport 5353 accept" in rs and "ff02::fb udp dport 5353 accept" in rs
 
 
+def nft_canon(ruleset: str) -> tuple[str, dict[str, set[str]]]:
+    """`nft list ruleset` output without what changes at run time: counter values,
+    and set elements (returned apart, per "family table set")."""
+    text = re.sub(r"\bcounter packets \d+ bytes \d+", "counter", ruleset)
+    elements: dict[str, set[str]] = {}
+
+    def cut(m: re.Match) -> str:
+        before = text[:m.start()]
+        table = re.findall(r"^table (\S+ \S+) \{", before, re.M)[-1]
+        name = re.findall(r"^\s*set (\S+) \{", before, re.M)[-1]
+        elements[f"{table} {name}"] = {e.split()[0] for e in m.group(1).split(",") if e.strip()}
+        return "elements = { }"
+
+    text = re.sub(r"elements = \{([^}]*)\}", cut, text)
+    return "\n".join(ln.rstrip() for ln in text.splitlines() if ln.strip() != "elements = { }"), elements
+
+
 def test_nftables_conf_matches_loaded(host):
+    """The kernel runs exactly the ruleset in /etc/nftables.conf: the file, loaded
+    by nft into an empty network namespace, lists the same as the live box (set
+    elements added at run time, e.g. the box's own prefixes, aside)."""
     f = host.file("/etc/nftables.conf")
     assert f.is_file and f.mode == 0o644 and "flush ruleset" in f.content_string
+    with root(host):
+        live = host.run("nft list ruleset")
+        fresh = host.run("unshare --net sh -ec 'nft -f /etc/nftables.conf; nft list ruleset'")
+    assert live.rc == 0 and fresh.rc == 0, live.stderr + fresh.stderr
+    live_text, live_sets = nft_canon(live.stdout)
+    file_text, file_sets = nft_canon(fresh.stdout)
+    assert "table inet thox" in file_text
+    assert live_text == file_text
+    for name, want in file_sets.items():
+        assert want <= live_sets.get(name, set()), f"{name}: {sorted(want - live_sets.get(name, set()))} not loaded"
 
 
 def test_avahi_http_service(host):
@@ -171,6 +207,58 @@ def test_demo_model_installed(host):
     r = host.run(f"runuser -u thox -- env THOX_HOME={HOME} /opt/thox/venv/bin/thox models list --json")
     assert r.rc == 0, r.stderr
     assert "thox-demo" in r.stdout
+
+
+# ---------------------------------------------------------------------- the `thox` command on the box
+
+def _status(host, key: str) -> str:
+    """HTTP status of GET /v1/models with ``key``."""
+    return host.run(f"curl -sS -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {key}' "
+                    f"http://127.0.0.1:{API_PORT}/v1/models").stdout.strip()
+
+
+def test_thox_on_path_for_root(host):
+    with root(host):
+        assert host.run("command -v thox").stdout.strip() == "/usr/local/bin/thox"
+        key = host.run("thox config get api.key")
+        assert key.rc == 0 and "Traceback" not in key.stderr, key.stderr
+        assert key.stdout.strip() == host.file(f"{HOME}/api_key").content_string.strip()
+        models = host.run("thox models list")
+        assert models.rc == 0 and "thox-demo" in models.stdout, models.stderr
+        status = host.run("thox status")
+        assert status.rc == 0 and "status:  ok" in status.stdout, status.stdout + status.stderr
+
+
+def test_thox_on_path_for_the_thox_user(host):
+    with root(host):
+        r = host.run("runuser -u thox -- thox models list --json")
+        assert r.rc == 0 and "thox-demo" in r.stdout, r.stderr
+        r = host.run("runuser -u thox -- thox status --json")
+        assert r.rc == 0 and json.loads(r.stdout)["status"] == "ok", r.stderr
+
+
+def test_key_rotation_by_root_is_live_and_survives_a_restart(host):
+    """`thox api-key generate` as root: the running service takes the new key
+    at once, the old one stops working, and the service still starts after a
+    restart. The original key is put back (`thox config set api.key`) at the end."""
+    with root(host):
+        old = host.run("thox config get api.key").stdout.strip()
+        assert re.fullmatch(r"[0-9a-f]{64}", old)
+        try:
+            r = host.run("thox api-key generate")
+            new = r.stdout.strip()
+            assert r.rc == 0 and re.fullmatch(r"[0-9a-f]{64}", new) and new != old, r.stderr
+            f = host.file(f"{HOME}/api_key")
+            assert f.user == "thox" and f.group == "thox" and f.mode == 0o600
+            assert _status(host, new) == "200"
+            assert _status(host, old) == "401"
+            r = host.run("systemctl restart thox-api.service")
+            assert r.rc == 0, r.stderr
+            assert _status(host, new) == "200"
+        finally:
+            restored = host.run(f"thox config set api.key {old}")
+        assert restored.rc == 0, restored.stderr
+        assert _status(host, old) == "200"
 
 
 def test_health_on_the_box(host):
