@@ -2,8 +2,8 @@
 
 * ``ensure_admin_password(cfg)`` (called by ``thox firstboot``) creates it
   once: 20 random characters from an unambiguous alphabet in 4 groups of 5
-  (about 99 bits), written to the root-only file ``$THOX_HOME/admin-password.txt``
-  (0600) and printed on the console, and stored **hashed** in
+  (about 99 bits), written to ``$THOX_HOME/admin-password.txt`` (0600: the
+  owner of THOX_HOME and root only) and printed on the console, and stored **hashed** in
   ``$THOX_HOME/admin.json`` (0600): scrypt (N=2^15, r=8, p=1, 16-byte random
   salt, 32-byte hash) with ``must_change: true``.
 * The owner must change it on first sign-in (``set_password``); the change
