@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The Debian mirror this build host's apt already uses, so image and test
 root filesystems come from the same (reachable) archive without naming a
-host in the code. `python3 image/aptmirror.py SUITE` prints the URI for SUITE
-(e.g. bookworm, bookworm-security); THOX_DEBIAN_MIRROR /
-THOX_DEBIAN_SECURITY_MIRROR override."""
+host in the code. `python3 image/aptmirror.py [SUITE]` prints the URI for SUITE
+(default: the pinned DEBIAN_SUITE of versions.env; e.g. bookworm-security too);
+THOX_DEBIAN_MIRROR / THOX_DEBIAN_SECURITY_MIRROR override."""
 
 from __future__ import annotations
 
@@ -55,4 +55,8 @@ def mirror_for(suite: str, apt: Path = APT) -> str:
 
 
 if __name__ == "__main__":
-    print(mirror_for(sys.argv[1] if len(sys.argv) > 1 else "bookworm"))
+    if len(sys.argv) > 1:
+        print(mirror_for(sys.argv[1]))
+    else:
+        from imagecommon import pins
+        print(mirror_for(pins.DEBIAN_SUITE))

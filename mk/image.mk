@@ -25,7 +25,7 @@ image-deps: image-apt-deps provision-deps ## everything `make image` needs (apt 
 
 image-wheel: ## the portable (GGML_NATIVE=OFF) llama-cpp-python wheel for the image, cached in $(CACHE)/wheels/portable
 	@mkdir -p $(CACHE)/logs
-	$(IMAGE_PY) -c 'import sys; sys.path.insert(0, "image"); import build, pathlib; print(build.stage_wheel(pathlib.Path("$(CACHE)/logs")))'
+	@$(IMAGE_PY) -c 'import sys; sys.path.insert(0, "image"); import build, pathlib; print(build.stage_wheel(pathlib.Path("$(CACHE)/logs")))'
 
 image: image-deps ## build the image: TARGET=amd64 (build/thox-amd64.img) or TARGET=jetson-orin (flash package)
 	ANSIBLE_PLAYBOOK=$(ANSIBLE_BIN)/ansible-playbook $(IMAGE_PY) image/build.py --target $(TARGET) --out $(IMAGE_OUT) $(IMAGE_ARGS)

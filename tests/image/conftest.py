@@ -38,6 +38,10 @@ def built_image() -> BuiltImage:
     .debs, the wheelhouse, the demo model's wheel and every other input must be fetched by the
     build itself. A stage that relies on a file no target fetches fails the build here."""
     require(os.geteuid() == 0, "building the image needs root (mmdebstrap --mode=root, chroot)")
+    # the two compiled wheels: their targets compile them once (no-ops when cached)
+    p = subprocess.run(["make", "--no-print-directory", "llama-wheel", "image-wheel", f"CACHE={CACHE}"],
+                       cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, f"make llama-wheel image-wheel failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}"
     ver = pins.LLAMA_CPP_PYTHON_VERSION
     wheels = {kind: sorted((CACHE / "wheels" / kind).glob(f"llama_cpp_python-{ver}-*.whl"))
               for kind in COMPILED_WHEELS}

@@ -190,3 +190,11 @@ def test_overlay_units_verify(repo, tmp_path):
     # units referencing programs that exist only in the image are fine; syntax errors are not
     bad = [l for l in p.stderr.splitlines() if "Unknown" in l or "Failed to parse" in l or "bad-setting" in l]
     assert not bad, p.stderr
+
+
+def test_the_apps_llama_pin_is_the_pinned_version(repo):
+    """pyproject.toml cannot read versions.env: its llama-cpp-python pin must equal it."""
+    import tomllib
+    deps = tomllib.loads((repo / "app/pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"llama-cpp-python=={pins.LLAMA_CPP_PYTHON_VERSION}" in deps
+    assert (repo / "versions.env").resolve() == pins.VERSIONS_FILE
