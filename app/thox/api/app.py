@@ -15,7 +15,7 @@ from ..config import Config
 from ..engine.manager import ModelManager, Settings
 from ..errors import InvalidRequest
 from ..store import ModelStore
-from . import errors, routes
+from . import errors, responses, routes
 from .auth import KeyFile
 from .metrics import Metrics
 from .ratelimit import RateLimiter
@@ -121,6 +121,7 @@ def create_app(config: Config | None = None) -> Quart:
 
     errors.install(app)
     routes.register(app)
+    responses.register(app)
     from .. import web
     web.register(app)
     return app

@@ -1,0 +1,432 @@
+"""The OpenAI Responses API (``POST /v1/responses``, ``GET``/``DELETE
+/v1/responses/{id}``) as a translation layer: a request becomes chat
+messages, runs through ``Service.chat`` (chatbridge), and the result becomes
+output items (``reasoning``, ``message``, ``function_call``) or the
+documented stream of ``response.*`` events. Stored responses live in a
+bounded in-memory store, so ``previous_response_id`` continues a conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import OrderedDict
+from typing import Annotated, Any, AsyncIterator, Literal, Union
+
+from pydantic import Field
+from quart import Quart, Response, current_app, jsonify
+
+from ..errors import InvalidRequest, NotFound
+from . import chatbridge
+from .chatbridge import ChatResult, Event
+from .schemas import Base, ChatCompletionRequest, FunctionDef, Probability, Temperature, TokenCount
+
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+STORE_MAX_ITEMS = 1000
+STORE_MAX_BYTES = 64 << 20
+
+
+# -- request --------------------------------------------------------------------------
+class FunctionTool(FunctionDef):
+    type: Literal["function"]
+
+
+class NamedFunction(Base):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(Base):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(Base):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(Base):
+    model: Annotated[str, Field(min_length=1)]
+    input: Union[str, list[dict[str, Any]]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedFunction, None] = None
+    text: TextConfig | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    max_output_tokens: TokenCount | None = None
+    stream: bool | None = False
+    store: bool | None = True
+    previous_response_id: str | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+
+def _function_tools(tools: list[dict[str, Any]] | None) -> list[FunctionTool]:
+    out = []
+    for i, t in enumerate(tools or []):
+        kind = t.get("type") if isinstance(t, dict) else None
+        if kind != "function":
+            raise InvalidRequest(f"tools[{i}]: tool type {kind!r} is not supported here; use "
+                                 f"{{'type': 'function', 'name': ..., 'parameters': ...}}", param=f"tools[{i}]")
+        out.append(FunctionTool.model_validate(t))
+    return out
+
+
+# -- input items → chat messages ------------------------------------------------------
+def _text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}: content must be a string or a list of text parts", param=where)
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text") \
+                and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        elif kind in ("input_image", "input_file", "input_audio"):
+            raise InvalidRequest(f"{where}[{i}]: '{kind}' is not supported by this model", param=f"{where}[{i}]")
+        else:
+            raise InvalidRequest(f"{where}[{i}]: expected {{'type': 'input_text', 'text': <string>}}",
+                                 param=f"{where}[{i}]")
+    return "".join(texts)
+
+
+def input_messages(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages for the Responses ``input`` (a string or a list of items)."""
+    if isinstance(inp, str):
+        return [{"role": "user", "content": inp}]
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(inp):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where}: expected an object", param=where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise InvalidRequest(f"{where}.role: expected user, assistant, system or developer", param=f"{where}.role")
+            out.append({"role": "system" if role == "developer" else role,
+                        "content": _text_of(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            name, args, call_id = item.get("name"), item.get("arguments", "{}"), item.get("call_id")
+            if not isinstance(name, str) or not isinstance(args, str) or not isinstance(call_id, str):
+                raise InvalidRequest(f"{where}: a function_call needs string 'call_id', 'name' and 'arguments'",
+                                     param=where)
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+            last = out[-1] if out else None
+            if last and last["role"] == "assistant" and last.get("_open"):
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call], "_open": True})
+        elif kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str):
+                raise InvalidRequest(f"{where}: a function_call_output needs a string 'call_id'", param=where)
+            out.append({"role": "tool", "tool_call_id": call_id,
+                        "content": output if isinstance(output, str) else _text_of(output, f"{where}.output")})
+        elif kind == "reasoning":
+            continue  # earlier reasoning is not fed back to the model
+        else:
+            raise InvalidRequest(f"{where}: input item type {kind!r} is not supported", param=f"{where}.type")
+        if kind == "message" and out[-1]["role"] == "assistant":
+            out[-1]["_open"] = True   # function calls right after it belong to the same turn
+    for m in out:
+        m.pop("_open", None)
+    return out
+
+
+def assistant_message(res: ChatResult) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": res.text if (res.text or not res.tool_calls) else None}
+    if res.tool_calls:
+        msg["tool_calls"] = res.tool_calls
+    return msg
+
+
+# -- the store ----------------------------------------------------------------------------
+class ResponseStore:
+    """Stored responses and the conversation each ends, least recently used
+    evicted first once there are more than ``max_items`` or their JSON passes
+    ``max_bytes``."""
+
+    def __init__(self, max_items: int = STORE_MAX_ITEMS, max_bytes: int = STORE_MAX_BYTES):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
+        self.bytes = 0
+
+    def put(self, response: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        size = len(json.dumps(response)) + len(json.dumps(history))
+        self.delete(response["id"])
+        self._items[response["id"]] = (response, history, size)
+        self.bytes += size
+        while self._items and (len(self._items) > self.max_items or self.bytes > self.max_bytes):
+            _, (_, _, n) = self._items.popitem(last=False)
+            self.bytes -= n
+
+    def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if rid not in self._items:
+            raise NotFound(f"Response with id '{rid}' not found.", param="response_id")
+        self._items.move_to_end(rid)
+        response, history, _ = self._items[rid]
+        return response, history
+
+    def delete(self, rid: str) -> bool:
+        item = self._items.pop(rid, None)
+        if item is None:
+            return False
+        self.bytes -= item[2]
+        return True
+
+
+# -- building the response ------------------------------------------------------------------
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+def _usage(res: ChatResult) -> dict[str, Any]:
+    return {"input_tokens": res.prompt_tokens, "input_tokens_details": {"cached_tokens": res.cached_tokens,
+                                                                   "cache_write_tokens": 0},
+            "output_tokens": res.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": res.prompt_tokens + res.completion_tokens}
+
+
+def reasoning_item(rid: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "reasoning", "id": rid, "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}] if text or status != "in_progress" else []}
+
+
+def message_item(mid: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "message", "id": mid, "status": status, "role": "assistant",
+            "content": [_text_part(text)] if status != "in_progress" else []}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def function_item(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": call["function"]["arguments"] if status == "completed"
+            else "", "status": status}
+
+
+class Turn:
+    """One Responses request on its way through: the chat request it became
+    and the response object it will be."""
+
+    def __init__(self, req: ResponsesRequest, store: ResponseStore):
+        self.req = req
+        self.store = store
+        self.id = _new_id("resp")
+        self.created = int(time.time())
+        tools = _function_tools(req.tools)
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id:
+            _, history = store.get(req.previous_response_id)
+        self.history = history + input_messages(req.input)
+        messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + self.history
+        if not messages:
+            raise InvalidRequest("input is empty", param="input")
+        chat: dict[str, Any] = {"model": req.model, "messages": messages}
+        if tools:
+            chat["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in tools]
+        if isinstance(req.tool_choice, NamedFunction):
+            chat["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.name}}
+        elif req.tool_choice is not None:
+            chat["tool_choice"] = req.tool_choice
+        fmt = req.text.format if req.text else None
+        if fmt is not None and fmt.type != "text":
+            chat["response_format"] = ({"type": "json_object"} if fmt.type == "json_object" else
+                                       {"type": "json_schema", "json_schema": {
+                                           "name": fmt.name, "schema": fmt.schema_ or {"type": "object"},
+                                           **({"strict": fmt.strict} if fmt.strict is not None else {})}})
+        for k in ("temperature", "top_p", "user"):
+            if getattr(req, k) is not None:
+                chat[k] = getattr(req, k)
+        if req.max_output_tokens is not None:
+            chat["max_completion_tokens"] = req.max_output_tokens
+        self.chat = ChatCompletionRequest.model_validate(chat)
+        self.tools = tools
+
+    def response(self, status: str, output: list[dict[str, Any]], res: ChatResult | None,
+                 error: dict[str, Any] | None = None) -> dict[str, Any]:
+        req = self.req
+        fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format \
+            else {"type": "text"}
+        choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedFunction) else \
+            (req.tool_choice or "auto")
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": req.model,
+            "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": req.store is not False,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "text": {"format": fmt}, "tool_choice": choice,
+            "tools": [{"type": "function", **t.model_dump(exclude={"type"}), "strict": bool(t.strict)}
+                      for t in self.tools],
+            "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled",
+            "metadata": req.metadata or {},
+            **({"usage": _usage(res)} if res is not None else {}),
+            **({"user": req.user} if req.user is not None else {}),
+        }
+
+    def finish(self, output: list[dict[str, Any]], res: ChatResult) -> dict[str, Any]:
+        status = "incomplete" if res.finish_reason == "length" else "completed"
+        body = self.response(status, output, res)
+        if self.req.store is not False:
+            self.store.put(body, self.history + [assistant_message(res)])
+        return body
+
+    # -- whole ---------------------------------------------------------------------------
+    def output_of(self, res: ChatResult) -> list[dict[str, Any]]:
+        out = []
+        if res.reasoning:
+            out.append(reasoning_item(_new_id("rs"), res.reasoning))
+        if res.text or not res.tool_calls:
+            out.append(message_item(_new_id("msg"), res.text,
+                                    "incomplete" if res.finish_reason == "length" else "completed"))
+        out.extend(function_item(c) for c in res.tool_calls)
+        return out
+
+    # -- streamed --------------------------------------------------------------------------
+    async def events(self, source: AsyncIterator[Event]) -> AsyncIterator[str]:
+        seq = 0
+        output: list[dict[str, Any]] = []
+        current: dict[str, Any] | None = None     # the open reasoning or message item
+        parts: list[str] = []
+
+        def ev(kind: str, **fields: Any) -> str:
+            nonlocal seq
+            data = {"type": kind, "sequence_number": seq, **fields}
+            seq += 1
+            return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+        def open_item(kind: str) -> list[str]:
+            nonlocal current, parts
+            current, parts = {"kind": kind, "id": _new_id("rs" if kind == "reasoning" else "msg"),
+                              "index": len(output)}, []
+            item = (reasoning_item(current["id"], "", "in_progress") if kind == "reasoning"
+                    else message_item(current["id"], "", "in_progress"))
+            output.append(item)
+            out = [ev("response.output_item.added", output_index=current["index"], item=item)]
+            if kind == "text":
+                out.append(ev("response.content_part.added", item_id=current["id"], output_index=current["index"],
+                              content_index=0, part=_text_part("")))
+            return out
+
+        def close_item(status: str = "completed") -> list[str]:
+            nonlocal current
+            if current is None:
+                return []
+            text, idx, iid = "".join(parts), current["index"], current["id"]
+            if current["kind"] == "reasoning":
+                item = reasoning_item(iid, text, status)
+                out = [ev("response.reasoning_text.done", item_id=iid, output_index=idx, content_index=0, text=text)]
+            else:
+                item = message_item(iid, text, status)
+                out = [ev("response.output_text.done", item_id=iid, output_index=idx, content_index=0, text=text,
+                          logprobs=[]),
+                       ev("response.content_part.done", item_id=iid, output_index=idx, content_index=0,
+                          part=_text_part(text))]
+            output[idx] = item
+            out.append(ev("response.output_item.done", output_index=idx, item=item))
+            current = None
+            return out
+
+        yield ev("response.created", response=self.response("in_progress", [], None))
+        yield ev("response.in_progress", response=self.response("in_progress", [], None))
+        async for e in source:
+            if e.kind in ("reasoning", "text"):
+                if current is None or current["kind"] != e.kind:
+                    for chunk in close_item() + open_item(e.kind):
+                        yield chunk
+                parts.append(e.text)
+                kind = "response.reasoning_text.delta" if e.kind == "reasoning" else "response.output_text.delta"
+                extra = {} if e.kind == "reasoning" else {"logprobs": []}
+                yield ev(kind, item_id=current["id"], output_index=current["index"], content_index=0,
+                         delta=e.text, **extra)
+            elif e.kind == "tool_calls":
+                for chunk in close_item():
+                    yield chunk
+                for call in e.tool_calls:
+                    idx, item = len(output), function_item(call, "in_progress")
+                    output.append(item)
+                    yield ev("response.output_item.added", output_index=idx, item=item)
+                    args = call["function"]["arguments"]
+                    yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=idx,
+                             delta=args)
+                    yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=idx,
+                             name=call["function"]["name"], arguments=args)
+                    output[idx] = function_item(call)
+                    yield ev("response.output_item.done", output_index=idx, item=output[idx])
+            elif e.kind == "finish":
+                res = e.result
+                assert res is not None
+                status = "incomplete" if res.finish_reason == "length" else "completed"
+                for chunk in close_item(status):
+                    yield chunk
+                if not any(i["type"] in ("message", "function_call") for i in output):
+                    for chunk in open_item("text") + close_item(status):   # no answer: one empty message
+                        yield chunk
+                body = self.finish(output, res)
+                yield ev("response.incomplete" if body["status"] == "incomplete" else "response.completed",
+                         response=body)
+                return
+            elif e.kind == "error":
+                err = e.error or {}
+                for chunk in close_item("incomplete"):
+                    yield chunk
+                code = "rate_limit_exceeded" if err.get("type") == "rate_limit_error" else "server_error"
+                yield ev("response.failed", response=self.response(
+                    "failed", output, None, {"code": code, "message": err.get("message") or "generation failed"}))
+                return
+
+
+# -- routes ------------------------------------------------------------------------------------
+def _service():
+    return current_app.extensions["thox"]["service"]
+
+
+def _store() -> ResponseStore:
+    return current_app.extensions["thox_responses"]
+
+
+def register(app: Quart) -> None:
+    from .app import json_body
+    app.extensions["thox_responses"] = ResponseStore()
+
+    @app.post("/v1/responses")
+    async def create_response():
+        req = ResponsesRequest.model_validate(await json_body())
+        turn = Turn(req, _store())
+        if req.stream:
+            source = await chatbridge.open_stream(_service(), turn.chat)
+            resp = Response(turn.events(source), headers=SSE_HEADERS)
+            resp.timeout = None
+            return resp
+        res = await chatbridge.complete(_service(), turn.chat)
+        return jsonify(turn.finish(turn.output_of(res), res))
+
+    @app.get("/v1/responses/<rid>")
+    async def get_response(rid: str):
+        return jsonify(_store().get(rid)[0])
+
+    @app.delete("/v1/responses/<rid>")
+    async def delete_response(rid: str):
+        if not _store().delete(rid):
+            raise NotFound(f"Response with id '{rid}' not found.", param="response_id")
+        return jsonify({"id": rid, "object": "response", "deleted": True})
