@@ -3,15 +3,17 @@ collect or stream their output, count tokens, shape responses."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
-from typing import Any, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from ..engine.manager import ModelManager
 from ..engine.scheduler import JobStream, ModelWorker
 from ..engine.types import Finished, GenerationJob
-from ..errors import ThoxError
+from ..errors import ModelBroken, ThoxError
 from . import translate as tr
 from .translate import FINGERPRINT
 from .errors import error_body
@@ -19,6 +21,8 @@ from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger("thox.api")
+T = TypeVar("T")
+PREPARE_THREADS = 4
 
 
 def sse(obj: Any) -> str:
@@ -29,6 +33,15 @@ class Service:
     def __init__(self, manager: ModelManager, metrics: Metrics):
         self.manager = manager
         self.metrics = metrics
+        # request preparation (templates, tokenizing, grammars) runs here, off the event loop
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="thox-prepare")
+
+    async def prepare(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a preparation thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
+
+    def close(self) -> None:
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- models --------------------------------------------------------------
     def model_object(self, m) -> dict[str, Any]:
@@ -73,7 +86,11 @@ class Service:
     # -- chat -------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         w = await self._worker(req.model)
-        job = tr.chat_job(req, w.model)
+        try:
+            job = await self.prepare(tr.chat_job, req, w.model)
+        except ModelBroken as e:
+            self.manager.broken[req.model] = e.message
+            raise
         n = req.n or 1
         if req.stream:
             first = self._admit(w, job)
@@ -156,7 +173,7 @@ class Service:
     # -- legacy completions -------------------------------------------------------
     async def completions(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         w = await self._worker(req.model)
-        prompts = tr.completion_prompts(req, w.model)
+        prompts = await self.prepare(tr.completion_prompts, req, w.model)
         params = tr.sampling(req, req.max_tokens)
         params.logprobs = req.logprobs is not None
         params.top_logprobs = req.logprobs or 0
@@ -215,7 +232,7 @@ class Service:
     # -- embeddings -----------------------------------------------------------------------
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         w = await self._worker(req.model)
-        inputs = tr.embedding_inputs(req.input, w.model)
+        inputs = await self.prepare(tr.embedding_inputs, req.input, w.model)
         vectors = await w.call(w.model.embed, inputs, threading.Event())
         n_tokens = sum(len(t) for t in inputs)
         self.metrics.prompt_tokens.labels(req.model).inc(n_tokens)

@@ -16,6 +16,7 @@ from ..engine import chat_template
 from ..engine.model import LoadedModel
 from ..engine.types import Finished, GenerationJob, SamplingParams, TokenLogprob
 from ..errors import InvalidRequest
+from . import grammar
 from .schemas import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -42,29 +43,21 @@ def check_context(model: LoadedModel, n_prompt: int, requested: int | None, para
         raise context_error(n_prompt, model.n_ctx, requested, param)
 
 
-# -- grammars ---------------------------------------------------------------------
-def _schema_grammar(schema: dict[str, Any], param: str) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as e:  # the converter raises assorted errors for bad schemas
-        raise InvalidRequest(f"unsupported JSON schema: {e}", param=param) from None
+# No tokenizer has tokens longer than this many bytes, so a text of more than
+# n * MAX_TOKEN_BYTES characters is more than n tokens: it is refused without
+# tokenizing it.
+MAX_TOKEN_BYTES = 256
 
 
-def _json_object_grammar() -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF
-    return JSON_GBNF
+def text_too_long(n_chars: int, n_tokens: int, param: str, what: str = "your messages") -> InvalidRequest:
+    return InvalidRequest(f"This model's maximum context length is {n_tokens} tokens. However, {what} "
+                          f"({n_chars} characters) resulted in more than {n_tokens} tokens. Please reduce "
+                          f"the length of the messages.", param=param, code="context_length_exceeded")
 
 
-def _tool_call_grammar(tools: list[dict[str, Any]]) -> str:
-    """Force output to be exactly one <tool_call>{json}</tool_call> for one of ``tools``."""
-    variants = [{"type": "object",
-                 "properties": {"name": {"const": t["function"]["name"]},
-                                "arguments": t["function"].get("parameters") or {"type": "object"}},
-                 "required": ["name", "arguments"]} for t in tools]
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    body = _schema_grammar(schema, "tools").replace("root ::=", "toolcall ::=", 1)
-    return 'root ::= "<tool_call>\\n" toolcall "\\n</tool_call>"\n' + body
+def check_text_length(text: str, n_tokens: int, param: str, what: str) -> None:
+    if len(text) > n_tokens * MAX_TOKEN_BYTES:
+        raise text_too_long(len(text), n_tokens, param, what)
 
 
 # -- chat ---------------------------------------------------------------------------
@@ -104,29 +97,39 @@ def sampling(req: ChatCompletionRequest | CompletionRequest, limit: int | None) 
 
 
 def chat_job(req: ChatCompletionRequest, model: LoadedModel) -> GenerationJob:
+    """The generation job for ``req``: renders the chat template, tokenizes,
+    builds the grammar. CPU work for a worker thread, not the event loop."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
     use_tools = tools if choice != "none" else []
-    prompt = chat_template.render(model.metadata.get("tokenizer.chat_template"), _template_messages(req),
-                                  tools=use_tools or None, bos_token=model.bos_token, eos_token=model.eos_token)
+    grammar_text, grammar_param = None, None
+    if isinstance(choice, NamedToolChoice):
+        grammar_text = grammar.tool_call_grammar([(i, t) for i, t in enumerate(tools)
+                                                  if t["function"]["name"] == choice.function.name])
+        grammar_param = "tools"
+    elif choice == "required":
+        grammar_text, grammar_param = grammar.tool_call_grammar(list(enumerate(tools))), "tools"
+    elif req.response_format is not None and req.response_format.type == "json_object":
+        grammar_text = grammar.json_object_grammar()
+    elif req.response_format is not None and req.response_format.type == "json_schema":
+        grammar_param = "response_format.json_schema.schema"
+        grammar_text = grammar.schema_grammar(req.response_format.json_schema.schema_ or {"type": "object"},
+                                              grammar_param)
+    try:
+        prompt = chat_template.render(model.metadata.get("tokenizer.chat_template"), _template_messages(req),
+                                      tools=use_tools or None, bos_token=model.bos_token,
+                                      eos_token=model.eos_token, max_chars=model.n_ctx * MAX_TOKEN_BYTES)
+    except chat_template.PromptTooLong as e:
+        raise text_too_long(e.n_chars, model.n_ctx, "messages", "the prompt for your messages") from None
     tokens = model.tokenize(prompt, add_bos=model.add_bos and not prompt.startswith(model.bos_token or "\0"))
     limit = req.token_limit()
     check_context(model, len(tokens), limit, "messages")
     params = sampling(req, limit)
     params.logprobs = bool(req.logprobs)
     params.top_logprobs = req.top_logprobs or 0
-    if isinstance(choice, NamedToolChoice):
-        params.grammar = _tool_call_grammar([t for t in tools if t["function"]["name"] == choice.function.name])
-    elif choice == "required":
-        params.grammar = _tool_call_grammar(tools)
-    elif req.response_format is not None and req.response_format.type == "json_object":
-        params.grammar = _json_object_grammar()
-    elif req.response_format is not None and req.response_format.type == "json_schema":
-        schema = req.response_format.json_schema.schema_ or {"type": "object"}
-        params.grammar = _schema_grammar(schema, "response_format.json_schema.schema")
-    if params.grammar:
-        model.check_grammar(params.grammar, "tools" if use_tools and choice != "auto" else
-                            "response_format.json_schema.schema")
+    if grammar_text:
+        model.check_grammar(grammar_text, grammar_param or "response_format")
+        params.grammar = grammar_text
     if use_tools:
         params.capture_markers = [TOOL_OPEN]
     return GenerationJob(prompt_tokens=tokens, params=params)
@@ -195,6 +198,7 @@ def completion_prompts(req: CompletionRequest, model: LoadedModel) -> list[tuple
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
+            check_text_length(item + (req.suffix or ""), model.n_ctx, "prompt", "your prompt")
             if req.suffix is not None:
                 if not model.has_fim:
                     raise InvalidRequest(f"model '{model.id}' has no fill-in-the-middle tokens; "
@@ -206,6 +210,7 @@ def completion_prompts(req: CompletionRequest, model: LoadedModel) -> list[tuple
                     toks = [t for t in [model.llm.token_bos()] if t >= 0]
             text = item
         else:
+            check_context(model, len(item), req.max_tokens or None, "prompt")
             model.check_tokens(item, "prompt")
             if req.suffix is not None:
                 raise InvalidRequest("'suffix' needs a text prompt", param="suffix")
@@ -243,6 +248,7 @@ def embedding_inputs(inp: Any, model: LoadedModel) -> list[list[int]]:
     limit = model.embed_limit()
     for i, item in enumerate(items):
         if isinstance(item, str):
+            check_text_length(item, limit, "input", f"input[{i}]")
             toks = model.tokenize(item, special=False)
         else:
             model.check_tokens(item, "input")

@@ -1,18 +1,36 @@
 """Render chat messages to a prompt with the model's own Jinja chat template
 (from the GGUF metadata), the way Hugging Face tokenizers do. Models without a
-template get ChatML."""
+template get ChatML.
+
+A template comes from a model file, so it is treated as hostile code: it runs
+in Jinja's immutable sandbox, and every rendering is metered. A trace function
+counts the Python steps the template executes and checks a wall-clock
+deadline; operators, calls and filters that can build a large value in one C
+call are checked before they run; the output is streamed and capped. A
+template that exceeds a budget aborts with ``ModelBroken`` and is remembered,
+so later renderings fail at once. Callers run ``render`` off the event loop.
+"""
 
 from __future__ import annotations
 
 import json
+import operator
+import re
+import sys
+import threading
+import time
+from collections import OrderedDict
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
-from jinja2 import TemplateError
+from jinja2 import Environment, TemplateError, TemplateSyntaxError
+from jinja2.compiler import CodeGenerator
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, ModelBroken
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -27,26 +45,271 @@ TOOL_SYSTEM = (
     "<args-json-object>}}\n</tool_call>"
 )
 
+# Budgets of one rendering (compiling included).
+DEADLINE_SECONDS = 5.0      # wall clock
+BASE_STEPS = 2_000_000      # Python steps (line and call events) ...
+STEPS_PER_ITEM = 5_000      # ... plus this many per message and per tool
+DEFAULT_MAX_CHARS = 4 << 20  # output and any single intermediate string or list
+MAX_NUMBER = 10_000         # largest count or width passed to a call, filter or format spec
+MAX_INT_BITS = 4096         # largest integer arithmetic may produce
+MAX_INDENT = 16             # tojson indent
+_BROKEN_KEEP = 64           # templates remembered as broken
+
+
+class _Abort(BaseException):
+    """Raised inside a rendering to stop it; a BaseException so that code the
+    template runs cannot catch it with ``except Exception``."""
+
+    def __init__(self, why: str, *, too_long: bool = False):
+        super().__init__(why)
+        self.why = why
+        self.too_long = too_long
+
+
+class PromptTooLong(Exception):
+    """The rendered prompt exceeds the output cap, and the messages are long
+    enough to be the reason."""
+
+    def __init__(self, n_chars: int):
+        super().__init__(n_chars)
+        self.n_chars = n_chars
+
+
+class _Meter:
+    """The budget of the rendering running on this thread."""
+
+    def __init__(self, max_steps: int, max_chars: int):
+        self.steps_left = max_steps
+        self.max_chars = max_chars
+        self.deadline = time.monotonic() + DEADLINE_SECONDS
+
+    def trace(self, frame, event, arg):  # noqa: ARG002 - sys.settrace signature
+        self.steps_left -= 1
+        if self.steps_left <= 0:
+            raise _Abort("it ran too many steps (an endless or exponential loop?)")
+        if not self.steps_left & 0x3FF and time.monotonic() > self.deadline:
+            raise _Abort(f"it ran longer than {DEADLINE_SECONDS:g} seconds")
+        return self.trace
+
+    def size(self, value: Any, what: str) -> Any:
+        if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > self.max_chars:
+            raise _Abort(f"{what} built a value of {len(value)} items, over the limit of {self.max_chars}",
+                         too_long=True)
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+            raise _Abort(f"{what} built an integer of {value.bit_length()} bits")
+        return value
+
+
+_local = threading.local()
+
+
+def _meter() -> _Meter:
+    m = getattr(_local, "meter", None)
+    if m is None:  # used outside render(): no budget to charge, but still bounded
+        m = _local.meter = _Meter(BASE_STEPS, DEFAULT_MAX_CHARS)
+    return m
+
+
+def _number(v: Any, what: str) -> None:
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_NUMBER:
+        raise _Abort(f"{what} got the number {v}, over the limit of {MAX_NUMBER}")
+
+
+# widths and precisions in %-format and {}-format specifications
+_PERCENT_SPEC = re.compile(r"%[#0\- +]*(\*|\d*)(?:\.(\*|\d*))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
+_DIGITS = re.compile(r"\d+")
+
+
+def _format_string(s: Any, args: tuple, what: str) -> None:
+    """The widths and precisions a format string asks for stay small."""
+    if not isinstance(s, str):
+        return
+    star = False
+    for m in _PERCENT_SPEC.finditer(s):
+        for g in m.groups():
+            if g == "*":
+                star = True
+            elif g:
+                _number(int(g), what)
+    for m in _BRACE_SPEC.finditer(s):
+        for d in _DIGITS.findall(m.group(1)):
+            _number(int(d), what)
+    if star:
+        for v in args:
+            _number(v, what)
+
+
+# calls and filters that take a count or width
+_COUNTED = frozenset(["center", "ljust", "rjust", "zfill", "expandtabs", "indent", "batch", "slice"])
+
+
+def _estimate(name: str, target: Any, args: tuple, kwargs: dict) -> int:
+    """An upper bound of the length of what a string operation returns."""
+    if not isinstance(target, str):
+        return 0
+    n = len(target)
+    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+        return max(n, args[0])
+    if name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        return n + target.count("\t") * size if isinstance(size, int) else n
+    if name == "indent":
+        width = args[0] if args else kwargs.get("width", 4)
+        w = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        return n + (target.count("\n") + 1) * w
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        old, new = args[0], args[1]
+        hits = target.count(old) if old else n + 1
+        return n + max(0, len(new) - len(old)) * hits
+    if name == "join" and args and isinstance(args[0], (list, tuple)):
+        return n * len(args[0]) + sum(len(x) if isinstance(x, str) else 32 for x in args[0])
+    return 0
+
+
+def _check_call(name: str, target: Any, args: tuple, kwargs: dict) -> None:
+    """What a call, filter or method is about to do stays within the budget."""
+    m = _meter()
+    for v in (*args, *kwargs.values()):
+        m.size(v, name)
+        if name in _COUNTED:
+            _number(v, name)
+    if name in ("format", "format_map"):
+        _format_string(target, args, name)
+    if _estimate(name, target, args, kwargs) > m.max_chars:
+        raise _Abort(f"{name} would build a string over the limit of {m.max_chars}", too_long=True)
+
+
+def _guard_filter(name: str, f: Callable) -> Callable:
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        # the filtered value is args[0] or, for context filters, args[1]
+        plain = [a for a in args if not _is_jinja_internal(a)]
+        target = plain[0] if plain else None
+        _check_call(name, target, tuple(plain[1:]), kwargs)
+        return _meter().size(f(*args, **kwargs), f"the filter {name}")
+    for attr in ("jinja_pass_arg",):
+        if hasattr(f, attr):
+            setattr(guarded, attr, getattr(f, attr))
+    guarded.__name__ = getattr(f, "__name__", name)
+    return guarded
+
+
+def _is_jinja_internal(v: Any) -> bool:
+    return isinstance(v, (Context, EvalContext, Environment))
+
+
+class _MeteredCodeGenerator(CodeGenerator):
+    """Template code whose ``~`` concatenations are size-checked."""
+
+    def visit_Concat(self, node, frame) -> None:
+        self.write("environment.checked_concat(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+def _power(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 0 and \
+            a.bit_length() * b > MAX_INT_BITS:
+        raise _Abort(f"{a} ** {b} is too large")
+    return a ** b
+
+
+def _modulo(a: Any, b: Any) -> Any:
+    _format_string(a, b if isinstance(b, tuple) else (b,), "the % operator")
+    return a % b
+
+
+def _times(a: Any, b: Any) -> Any:
+    for seq, k in ((a, b), (b, a)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(k, int) and len(seq) * k > _meter().max_chars:
+            raise _Abort(f"the * operator would build a value of {len(seq) * k} items", too_long=True)
+    return a * b
+
+
+class MeteredSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with budgets (see the module docstring)."""
+
+    code_generator_class = _MeteredCodeGenerator
+    intercepted_binops = frozenset(["*", "**", "%", "+"])
+    _checked_ops: dict[str, Callable[[Any, Any], Any]] = {"*": _times, "**": _power, "%": _modulo,
+                                                           "+": operator.add}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.filters = {k: _guard_filter(k, f) for k, f in self.filters.items()}
+
+    def call_binop(self, context, op: str, left: Any, right: Any) -> Any:
+        fn = self._checked_ops.get(op)
+        if fn is None:
+            return super().call_binop(context, op, left, right)
+        return _meter().size(fn(left, right), f"the {op} operator")
+
+    def call(__self, __context, __obj, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's signature
+        name = getattr(__obj, "__name__", "")
+        target = getattr(__obj, "__self__", None)
+        if target is None:  # str.format comes wrapped by the sandbox
+            target = getattr(getattr(__obj, "__wrapped__", None), "__self__", None)
+        if __obj is not __self.globals.get("range"):  # range is lazy and bounded by the sandbox
+            _check_call(name or "a call", target, args, {k: v for k, v in kwargs.items()
+                                                         if not k.startswith("_")})
+        return _meter().size(super().call(__context, __obj, *args, **kwargs), name or "a call")
+
+    @staticmethod
+    def checked_concat(value: str) -> str:
+        return _meter().size(value, "the ~ operator")
+
 
 def _raise(msg: str) -> None:
     raise TemplateError(msg)
 
 
+def _tojson(v: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
+    if indent is not None and (not isinstance(indent, int) or not 0 <= indent <= MAX_INDENT):
+        raise _Abort(f"tojson got indent={indent!r}; at most {MAX_INDENT} is allowed")
+    return json.dumps(v, indent=indent, ensure_ascii=ensure_ascii)
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = MeteredSandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = lambda v, indent=None, ensure_ascii=False, **_: json.dumps(
-        v, indent=indent, ensure_ascii=ensure_ascii)
+    env.filters["tojson"] = _guard_filter("tojson", _tojson)
     return env.from_string(source)
 
 
+_broken: OrderedDict[str, str] = OrderedDict()
+_broken_lock = threading.Lock()
+
+
+def broken_reason(template: str | None) -> str | None:
+    """Why ``template`` was found broken by an earlier rendering, or None."""
+    with _broken_lock:
+        return _broken.get(template or CHATML)
+
+
+def _mark_broken(source: str, why: str) -> str:
+    with _broken_lock:
+        _broken[source] = why
+        _broken.move_to_end(source)
+        while len(_broken) > _BROKEN_KEEP:
+            _broken.popitem(last=False)
+    return why
+
+
 def render(template: str | None, messages: list[dict[str, Any]], *, tools: list[dict] | None,
-           bos_token: str, eos_token: str) -> str:
+           bos_token: str, eos_token: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
     """Prompt text for ``messages``. ``tools`` are OpenAI tool dicts; a
-    template that does not know about tools gets them as a system message."""
+    template that does not know about tools gets them as a system message.
+
+    Raises ``ModelBroken`` when the template exceeds its budget (then, and
+    for later calls, without running it again), ``PromptTooLong`` when the
+    output exceeds ``max_chars`` because the messages are long, and
+    ``InvalidRequest`` when the template rejects the messages."""
     source = template or CHATML
+    reason = broken_reason(source)
+    if reason is not None:
+        raise ModelBroken(f"the model's chat template is broken: {reason}", param="messages")
     msgs = [dict(m) for m in messages]
     template_knows_tools = "tools" in source
     if tools and not template_knows_tools:
@@ -58,12 +321,45 @@ def render(template: str | None, messages: list[dict[str, Any]], *, tools: list[
             msgs.insert(0, {"role": "system", "content": block})
     if not template_knows_tools:
         msgs = [_plain(m) for m in msgs]
+    input_chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else 0 for m in msgs) + \
+        (len(json.dumps(tools)) if tools else 0)
+    meter = _Meter(BASE_STEPS + STEPS_PER_ITEM * (len(msgs) + len(tools or [])), max_chars)
+    out: list[str] = []
+    previous_meter = getattr(_local, "meter", None)
+    previous_trace = sys.gettrace()
+    _local.meter = meter
+    sys.settrace(meter.trace)
     try:
-        return _compile(source).render(messages=msgs, tools=tools or None, add_generation_prompt=True,
-                                       bos_token=bos_token, eos_token=eos_token)
+        size = 0
+        for piece in _compile(source).generate(messages=msgs, tools=tools or None, add_generation_prompt=True,
+                                               bos_token=bos_token, eos_token=eos_token):
+            size += len(piece)
+            if size > max_chars:
+                raise _Abort(f"its output exceeds {max_chars} characters", too_long=True)
+            out.append(piece)
+    except _Abort as e:
+        sys.settrace(previous_trace)
+        if e.too_long and input_chars * 2 >= max_chars:
+            raise PromptTooLong(max(size, max_chars + 1)) from None
+        raise ModelBroken(f"the model's chat template is broken: {_mark_broken(source, e.why)}",
+                          param="messages") from None
+    except TemplateSyntaxError as e:
+        raise ModelBroken(f"the model's chat template is broken: {_mark_broken(source, f'it does not parse: {e}')}",
+                          param="messages") from None
     except TemplateError as e:
         raise InvalidRequest(f"the model's chat template rejected these messages: {e}",
                              param="messages") from None
+    except RecursionError:
+        sys.settrace(previous_trace)
+        raise ModelBroken(f"the model's chat template is broken: "
+                          f"{_mark_broken(source, 'it recursed too deeply')}", param="messages") from None
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
+        raise InvalidRequest(f"the model's chat template failed on these messages: {type(e).__name__}: {e}",
+                             param="messages") from None
+    finally:
+        sys.settrace(previous_trace)
+        _local.meter = previous_meter
+    return "".join(out)
 
 
 def _plain(m: dict[str, Any]) -> dict[str, Any]:
