@@ -15,8 +15,8 @@ from ..config import Config
 from ..engine.manager import ModelManager, Settings
 from ..errors import InvalidRequest
 from ..store import ModelStore
-from . import errors, responses, routes
-from .auth import KeyFile
+from . import anthropic, errors, responses, routes
+from .auth import KeyFile, credential
 from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .service import Service
@@ -107,7 +107,7 @@ def create_app(config: Config | None = None) -> Quart:
         g.extra_headers = {}
         if request.path.startswith("/v1/") or request.path == "/v1":
             g.extra_headers = app.extensions["thox"]["ratelimit"].check(request.remote_addr)
-            app.extensions["thox"]["keys"].check(request.headers.get("Authorization"))
+            app.extensions["thox"]["keys"].check(credential(request.headers))
 
     @app.after_request
     async def _count(resp: Response) -> Response:
@@ -122,6 +122,7 @@ def create_app(config: Config | None = None) -> Quart:
     errors.install(app)
     routes.register(app)
     responses.register(app)
+    anthropic.register(app)
     from .. import web
     web.register(app)
     return app

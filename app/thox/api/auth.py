@@ -16,6 +16,18 @@ class InvalidKey(ThoxError):
     code = "invalid_api_key"
 
 
+def credential(headers) -> str | None:
+    """The request's credentials: the Authorization header, or else an
+    ``x-api-key`` header (Anthropic clients) read as Bearer."""
+    auth = headers.get("Authorization")
+    if auth and auth.strip():
+        return auth
+    key = headers.get("x-api-key")
+    if key and key.strip():
+        return "Bearer " + key.strip()
+    return None
+
+
 class KeyFile:
     def __init__(self, config: Config):
         self.path = config.key_path

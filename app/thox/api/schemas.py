@@ -130,6 +130,7 @@ class SamplingFields(Base):
     frequency_penalty: Penalty | None = None
     seed: Seed | None = None
     user: str | None = None
+    top_k: Annotated[int, Field(ge=0, le=1 << 20)] | None = None   # llama.cpp's, not OpenAI's
 
     def stops(self) -> list[str]:
         if self.stop is None:

@@ -89,6 +89,7 @@ def sampling(req: ChatCompletionRequest | CompletionRequest, limit: int | None) 
         max_tokens=limit,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
+        **({"top_k": req.top_k} if req.top_k is not None else {}),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed,
