@@ -38,17 +38,17 @@ def register(app: Quart) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions():
-        req = ChatCompletionRequest.model_validate(await json_body())
+        req = await json_body(ChatCompletionRequest)
         return _respond(await _ctx()["service"].chat(req))
 
     @app.post("/v1/completions")
     async def completions():
-        req = CompletionRequest.model_validate(await json_body())
+        req = await json_body(CompletionRequest)
         return _respond(await _ctx()["service"].completions(req))
 
     @app.post("/v1/embeddings")
     async def embeddings():
-        req = EmbeddingRequest.model_validate(await json_body())
+        req = await json_body(EmbeddingRequest)
         return jsonify(await _ctx()["service"].embeddings(req))
 
     @app.get("/health")

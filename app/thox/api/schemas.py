@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_N = 8
 MAX_TOKENS = 1 << 20
+MAX_PROMPTS = 64  # prompts in one legacy completion request
+MAX_INPUTS = 2048  # inputs in one embeddings request
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -43,7 +45,7 @@ class Message(Base):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[dict[str, Any]], None] = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(fail_fast=True)] | None = None
     tool_call_id: str | None = None
 
     @field_validator("content")
@@ -139,12 +141,12 @@ class SamplingFields(Base):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1, fail_fast=True)]
     max_completion_tokens: TokenCount | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(fail_fast=True)] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
 
@@ -165,8 +167,11 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-PromptParam = Union[str, list[str], Annotated[list[TokenId], Field(min_length=1)],
-                    list[Annotated[list[TokenId], Field(min_length=1)]]]
+# fail_fast: a long list with a bad item gets one error, not one per item
+PromptParam = Union[str, Annotated[list[str], Field(max_length=MAX_PROMPTS, fail_fast=True)],
+                    Annotated[list[TokenId], Field(min_length=1, fail_fast=True)],
+                    Annotated[list[Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]],
+                              Field(max_length=MAX_PROMPTS, fail_fast=True)]]
 
 
 class CompletionRequest(SamplingFields):
@@ -177,6 +182,13 @@ class CompletionRequest(SamplingFields):
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = 16
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _few_prompts(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) > MAX_PROMPTS and not all(type(x) is int for x in v):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _nonempty(cls, v: Any) -> Any:
@@ -186,15 +198,23 @@ class CompletionRequest(SamplingFields):
 
 
 EmbeddingInput = Union[Annotated[str, Field(min_length=1)],
-                       Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=2048)],
-                       Annotated[list[TokenId], Field(min_length=1)],
-                       Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
-                                 Field(min_length=1, max_length=2048)]]
+                       Annotated[list[Annotated[str, Field(min_length=1)]],
+                                 Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)],
+                       Annotated[list[TokenId], Field(min_length=1, fail_fast=True)],
+                       Annotated[list[Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]],
+                                 Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)]]
 
 
 class EmbeddingRequest(Base):
     model: Annotated[str, Field(min_length=1)]
     input: EmbeddingInput
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _few_inputs(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) > MAX_INPUTS and not all(type(x) is int for x in v):
+            raise ValueError(f"at most {MAX_INPUTS} inputs per request, got {len(v)}")
+        return v
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
