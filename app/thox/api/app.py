@@ -132,7 +132,7 @@ def create_app(config: Config | None = None) -> Quart:
         for k, v in getattr(g, "extra_headers", {}).items():
             resp.headers.setdefault(k, v)
         rule = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.requests.labels(rule, request.method, str(resp.status_code)).inc()
+        metrics.requests.labels(rule, metrics.method_label(request.method), str(resp.status_code)).inc()
         for w in manager.workers.values():
             metrics.queue_depth.labels(w.model.id).set(w.pending)
         return resp

@@ -7,8 +7,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
+# request methods counted under their own name; any other is counted as "other"
+HTTP_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
+
+    @staticmethod
+    def method_label(method: str) -> str:
+        return method if method in HTTP_METHODS else "other"
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
