@@ -135,13 +135,15 @@ def _default_memory_budget() -> int:
 
 KEYS: dict[str, Key] = {k.name: k for k in [
     Key("api.key", _parse_str, None, "API key (64 hex chars); stored in $THOX_HOME/api_key, 0600", secret=True),
-    Key("api.host", _parse_str, "0.0.0.0", "address the API listens on"),
+    Key("api.host", _parse_str, "::", "address the API listens on (:: = every address, IPv4 and IPv6)"),
     Key("api.port", _parse_int(1, 65535), 8080, "TCP port of the API and web page"),
     Key("api.web_port", _parse_int(0, 65535), 0, "extra port for the web page (80 on the device; 0 = off)"),
     Key("api.max_body_bytes", _parse_size, 8 << 20, "largest request body accepted (413 above)"),
     Key("api.queue_size", _parse_int(0, 10000), 8, "requests that may wait per model before 429"),
     Key("api.rate_limit", _parse_int(0, 1000000), 100, "requests per minute per client (0 = off)"),
     Key("api.rate_limit_loopback", _parse_bool, False, "also rate-limit clients on the box itself"),
+    Key("api.max_connections_per_client", _parse_int(0, 100000), 64,
+        "open connections one client address may hold (0 = no limit)"),
     Key("api.web_hosts", _parse_hosts, "", "more names the web page answers to (comma-separated), besides the "
         "host name, <host name>.local, localhost and IP addresses"),
     Key("default_model", _parse_str, "thox-demo", "model used by `thox` commands when none is named"),
