@@ -114,6 +114,16 @@ def _parse_hosts(v: Any) -> str:
     return ",".join(items)
 
 
+MAX_PARALLEL = 64
+
+
+def _parse_parallel(v: Any) -> int | str:
+    """A slot count (1..MAX_PARALLEL) or ``auto``."""
+    if str(v).strip().lower() == "auto":
+        return "auto"
+    return _parse_int(1, MAX_PARALLEL)(v)
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -152,6 +162,8 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("models.keep_alive", _parse_duration, 300, "seconds an idle model stays loaded"),
     Key("engine.n_ctx", _parse_int(0, 1 << 20), 4096, "context window per model (0 = the model's own)"),
     Key("engine.n_threads", _parse_int(0, 1024), 0, "CPU threads for inference (0 = all cores)"),
+    Key("engine.parallel", _parse_parallel, 4, "slots per model: requests generated at once, each with a KV "
+        "cache of engine.n_ctx tokens (auto = as many as fit half of models.memory_budget, up to 8)"),
     Key("engine.n_gpu_layers", _parse_int(-1, 100000), -1, "layers offloaded to the GPU (-1 = all)"),
 ]}
 

@@ -3,7 +3,10 @@ several apps in one process)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -33,5 +36,25 @@ class Metrics:
         self.disconnects = Counter("thox_client_disconnects", "Generations stopped by client disconnect",
                                    registry=r)
 
+    def track_slots(self, source: Callable[[], dict[str, dict[str, int]]]) -> None:
+        """Export ``thox_slots{model,state}`` (busy, idle) from ``source()``
+        ({model: {"busy": n, "idle": n}}), read at each scrape."""
+        self.registry.register(_Slots(source))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Slots:
+    def __init__(self, source: Callable[[], dict[str, dict[str, int]]]):
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        g = GaugeMetricFamily("thox_slots", "Generation slots per model, by state", labels=["model", "state"])
+        for model, st in self.source().items():
+            for state in ("busy", "idle"):
+                g.add_metric([model, state], st.get(state, 0))
+        yield g

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, TypeVar
 
@@ -33,6 +32,7 @@ class Service:
     def __init__(self, manager: ModelManager, metrics: Metrics):
         self.manager = manager
         self.metrics = metrics
+        metrics.track_slots(manager.slot_usage)
         # request preparation (templates, tokenizing, grammars) runs here, off the event loop
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="thox-prepare")
 
@@ -233,7 +233,7 @@ class Service:
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         w = await self._worker(req.model)
         inputs = await self.prepare(tr.embedding_inputs, req.input, w.model)
-        vectors = await w.call(w.model.embed, inputs, threading.Event())
+        vectors = await w.embed(inputs)
         n_tokens = sum(len(t) for t in inputs)
         self.metrics.prompt_tokens.labels(req.model).inc(n_tokens)
         return tr.embedding_response(req.model, vectors, req.encoding_format or "float", req.dimensions, n_tokens)

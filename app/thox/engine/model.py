@@ -1,9 +1,12 @@
-"""One loaded GGUF model and the synchronous work done on it.
+"""One loaded GGUF model: its weights, tokenizer, generation context and
+embedding context, on llama.cpp's low-level API (llama_cpp bindings).
 
-Everything here runs on the model's worker thread (see scheduler.py); nothing
-here touches asyncio. Generation reuses the KV cache for the longest common
-prompt prefix with the previous request (llama_cpp.Llama.generate does the
-prefix match; we keep one sequence per model so follow-up turns hit it).
+The generation context holds ``parallel`` sequences, one per slot, each with
+its own KV stream of ``n_ctx`` tokens (non-unified KV cache: a sequence's
+attention never looks at another's cells, so its numbers do not depend on
+what runs beside it). The decode loop that drives it is in scheduler.py; the
+embedding context (embedder.py) is a second context on the same weights.
+Nothing here touches asyncio.
 """
 
 from __future__ import annotations
@@ -12,26 +15,33 @@ import ctypes
 import logging
 import os
 import random
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import InvalidRequest, ModelBroken
-from .textstream import TextStream
-from .types import Finished, GenerationJob, Piece, SamplingParams, TokenLogprob
+from .types import SamplingParams, TokenLogprob
 
 log = logging.getLogger("thox.engine")
 
-Emit = Callable[[Piece | Finished], None]
+N_BATCH = 512              # tokens per llama_decode call (and per micro-batch)
+PENALTY_LAST_N = 64        # tokens the repetition penalties look back on
+EMBED_MAX_CTX = 8192       # the longest embedding input, in tokens (capped by engine.n_ctx)
+EMBED_CHUNK = 256          # tokens per decode call of the embedding context
+
+
+def embed_ctx(n_ctx: int) -> int:
+    """Tokens of the embedding context (the longest embedding input)."""
+    return min(n_ctx, EMBED_MAX_CTX)
 
 
 def _quiet_llama_logs() -> None:
     """Route llama.cpp's C logging to nowhere unless THOX_DEBUG_LLAMA is set."""
     import llama_cpp
-    if os.environ.get("THOX_DEBUG_LLAMA"):
+    if os.environ.get("THOX_DEBUG_LLAMA") or getattr(_quiet_llama_logs, "cb", None):
         return
 
     @llama_cpp.llama_log_callback
@@ -42,43 +52,176 @@ def _quiet_llama_logs() -> None:
     _quiet_llama_logs.cb = _silent  # keep a reference
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The figures of a model that size its KV cache and compute buffers."""
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_embd: int
+    n_vocab: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V, f16, every layer (llama.cpp's default cache type)."""
+        head_dim = self.n_embd // max(1, self.n_head)
+        return 2 * 2 * self.n_layer * self.n_head_kv * head_dim
+
+
+    @classmethod
+    def from_gguf(cls, meta: dict) -> "Shape | None":
+        """From GGUF metadata (thox.store.gguf_meta.read_metadata); None when
+        the figures are missing."""
+        arch = meta.get("general.architecture")
+
+        def get(key: str) -> int | None:
+            v = meta.get(f"{arch}.{key}")
+            return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+        n_layer, n_head, n_embd = get("block_count"), get("attention.head_count"), get("embedding_length")
+        n_vocab = meta.get("tokenizer.ggml.tokens")
+        if not (n_layer and n_head and n_embd and isinstance(n_vocab, int)):
+            return None
+        return cls(n_layer=n_layer, n_head=n_head, n_head_kv=get("attention.head_count_kv") or n_head,
+                   n_embd=n_embd, n_vocab=n_vocab)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a loaded model occupies, in bytes (all of it counts in
+    models.memory_budget)."""
+    weights: int
+    kv: int                  # the KV cache of all slots
+    compute: int             # the generation context's compute and output buffers
+    embed: int               # the embedding context: KV, compute and output buffers
+    overhead: int = 32 << 20
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.embed + self.overhead
+
+
+def plan_memory(file_size: int, shape: Shape | None, n_ctx: int, parallel: int) -> MemoryPlan:
+    """llama.cpp's buffers for a model with ``parallel`` slots of ``n_ctx``
+    tokens: KV cache f16; a compute buffer holding the larger of one micro-
+    batch's logits and its attention scores against a full context, plus
+    activations; the embedding context sized the same way for its chunks,
+    plus their logits. Calibrated against llama.cpp's own
+    reports (sched_reserve, llama_kv_cache) on CPU."""
+    n_ctx_pad = -(-n_ctx // 256) * 256
+    weights = int(file_size * 1.05)
+    if shape is None:        # unknown architecture: the old per-token allowance
+        per_token = 160 * 1024 if file_size > (1 << 30) else 16 * 1024
+        return MemoryPlan(weights, per_token * n_ctx_pad * parallel, 128 << 20,
+                          per_token * embed_ctx(n_ctx_pad) + (64 << 20))
+    kvt = shape.kv_bytes_per_token
+    act = shape.n_embd * 128
+    compute = (max(shape.n_vocab * N_BATCH * 4, N_BATCH * n_ctx_pad * shape.n_head * 4) + N_BATCH * act
+               + shape.n_vocab * 4 * parallel)
+    n_embed = embed_ctx(n_ctx_pad)
+    embed = (kvt * n_embed + max(shape.n_vocab * EMBED_CHUNK * 4, EMBED_CHUNK * n_embed * shape.n_head * 4)
+             + shape.n_vocab * EMBED_CHUNK * 4 + EMBED_CHUNK * act)
+    return MemoryPlan(weights, kvt * n_ctx_pad * parallel, compute, embed)
+
+
+class Batch:
+    """A reusable llama_batch of up to ``capacity`` tokens, one sequence each."""
+
+    def __init__(self, capacity: int):
+        import llama_cpp
+        self._lc = llama_cpp
+        self.capacity = capacity
+        self.b = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        b, i = self.b, self.n
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        self.n = i + 1
+        return i
+
+    def close(self) -> None:
+        if self.b is not None:
+            self._lc.llama_batch_free(self.b)
+            self.b = None
+
+
 class LoadedModel:
     def __init__(self, model_id: str, path: Path, *, n_ctx: int = 4096, n_threads: int = 0,
-                 n_gpu_layers: int = -1):
+                 n_gpu_layers: int = -1, parallel: int = 1):
         import llama_cpp
+        from llama_cpp import _internals
         _quiet_llama_logs()
+        self._lc = llama_cpp
         self.id = model_id
         self.path = Path(path)
-        self._n_threads = n_threads or max(1, os.cpu_count() or 1)
-        self._n_gpu_layers = n_gpu_layers
+        self.parallel = max(1, int(parallel))
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_threads_batch = max(1, os.cpu_count() or 1)
+        self.n_gpu_layers = n_gpu_layers
         t0 = time.monotonic()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
         try:
-            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=self._n_threads,
-                                       n_gpu_layers=n_gpu_layers, verbose=False)
+            self._model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
         except (ValueError, RuntimeError, OSError) as e:
             raise ModelBroken(f"model '{model_id}' cannot be loaded: {e}") from None
+        m = self._model.model
+        self._vocab = self._model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx = int(n_ctx) or int(llama_cpp.llama_model_n_ctx_train(m))
+        self.shape = Shape(n_layer=int(llama_cpp.llama_model_n_layer(m)), n_head=int(llama_cpp.llama_model_n_head(m)),
+                           n_head_kv=int(llama_cpp.llama_model_n_head_kv(m)),
+                           n_embd=int(llama_cpp.llama_model_n_embd(m)), n_vocab=self.n_vocab)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx * self.parallel
+        cparams.n_batch = cparams.n_ubatch = N_BATCH
+        cparams.n_seq_max = self.parallel
+        cparams.kv_unified = False
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads_batch
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.embeddings = False
+        cparams.no_perf = True
+        try:
+            self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            self._model.close()
+            raise ModelBroken(f"model '{model_id}' cannot be loaded: {e}") from None
+        self.ctx = self._ctx.ctx
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.load_seconds = time.monotonic() - t0
-        self.n_ctx = self.llm.n_ctx()
-        self.n_vocab = self.llm.n_vocab()
-        self.metadata: dict[str, str] = dict(self.llm.metadata)
-        vocab = self.llm._model.vocab
-        self._vocab = vocab
-        self._llama_cpp = llama_cpp
-        self.fim_tokens = tuple(int(f(vocab)) for f in (llama_cpp.llama_vocab_fim_pre,
-                                                         llama_cpp.llama_vocab_fim_suf,
-                                                         llama_cpp.llama_vocab_fim_mid))
-        self.bos_token = self._token_text(self.llm.token_bos())
-        self.eos_token = self._token_text(self.llm.token_eos())
-        self._embedder = None
-        self._embed_lock = threading.Lock()
-        self._cache_tokens: list[int] = []     # what the KV cache of sequence 0 holds
-        self._pieces: dict[int, bytes] = {}
+        self.metadata: dict[str, str] = dict(self._model.metadata())
+        self.fim_tokens = tuple(int(f(self._vocab)) for f in (llama_cpp.llama_vocab_fim_pre,
+                                                               llama_cpp.llama_vocab_fim_suf,
+                                                               llama_cpp.llama_vocab_fim_mid))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self.eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self.bos_token = self._token_text(self.bos_id)
+        self.eos_token = self._token_text(self.eos_id)
+        self.embedder = None        # set by the scheduler (embedder.Embedder), shares the weights
 
     # -- tokens -----------------------------------------------------------
+    def token_bos(self) -> int:
+        return self.bos_id
+
+    @property
+    def llm(self) -> "LoadedModel":
+        """Callers that ask ``model.llm.token_bos()`` get the model itself."""
+        return self
+
     def _token_text(self, tok: int) -> str:
         if tok is None or tok < 0:
             return ""
-        return self.llm.detokenize([tok], special=True).decode("utf-8", errors="replace")
+        return self.piece(tok, special=True).decode("utf-8", errors="replace")
 
     @property
     def has_fim(self) -> bool:
@@ -92,11 +235,28 @@ class LoadedModel:
         return str(v).lower() == "true"
 
     def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"),
-                                 add_bos=self.add_bos if add_bos is None else add_bos, special=special)
+        lc = self._lc
+        data = text.encode("utf-8")
+        bos = self.add_bos if add_bos is None else add_bos
+        cap = len(data) + 8
+        buf = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, bos, special)
+        if n < 0:
+            cap = -n
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, bos, special)
+            if n < 0:
+                raise InvalidRequest("the text cannot be tokenized")
+        return list(buf[:n])
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+        out = b"".join(self.piece(t) for t in tokens)
+        if tokens and tokens[0] == self.bos_id and out[:1] == b" ":
+            out = out[1:]
+        return out.decode("utf-8", errors="replace")
+
+    def embed_limit(self) -> int:
+        return embed_ctx(self.n_ctx)
 
     def check_tokens(self, tokens: list[int], param: str) -> None:
         for t in tokens:
@@ -106,44 +266,90 @@ class LoadedModel:
 
     def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
         pre, suf, mid = self.fim_tokens
-        toks = [self.llm.token_bos()] if self.add_bos and self.llm.token_bos() >= 0 else []
+        toks = [self.bos_id] if self.add_bos and self.bos_id >= 0 else []
         return (toks + [pre] + self.tokenize(prefix, add_bos=False, special=False) + [suf]
                 + self.tokenize(suffix, add_bos=False, special=False) + [mid])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token (special tokens render empty unless
+        ``special``), cached."""
+        key = (token, special)
+        b = self._pieces.get(key)
+        if b is None:
+            lc = self._lc
+            buf = ctypes.create_string_buffer(64)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+            b = self._pieces[key] = buf.raw[:max(n, 0)]
+        return b
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, token))
 
     @property
     def memory_bytes(self) -> int:
         try:
-            return int(self._llama_cpp.llama_model_size(self.llm._model.model))
+            return int(self._lc.llama_model_size(self._model.model))
         except Exception:  # pragma: no cover - informational only
             return self.path.stat().st_size
 
-    # -- generation ---------------------------------------------------------
+    # -- sampling ---------------------------------------------------------------
     def check_grammar(self, grammar: str, param: str) -> None:
         """Parse ``grammar`` with llama.cpp before it reaches a sampler: a
         grammar that fails to parse would otherwise crash the process."""
-        lc = self._llama_cpp
+        lc = self._lc
         sampler = lc.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
             raise InvalidRequest("this schema cannot be turned into a valid grammar (is it empty or "
                                  "self-contradictory?)", param=param)
         lc.llama_sampler_free(sampler)
 
-    def _make_grammar(self, params: SamplingParams):
-        if not params.grammar:
-            return None
-        from llama_cpp.llama_grammar import LlamaGrammar
-        self.check_grammar(params.grammar, "response_format")
-        return LlamaGrammar.from_string(params.grammar, verbose=False)
+    def make_sampler(self, p: SamplingParams):
+        """A llama.cpp sampler chain of its own for one request: penalties,
+        grammar, then greedy (temperature 0) or top-k/top-p/min-p/temperature
+        and a random draw seeded with the request's seed."""
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
+        add(lc.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, p.repeat_penalty,
+                                            p.frequency_penalty, p.presence_penalty))
+        if p.grammar:
+            g = lc.llama_sampler_init_grammar(self._vocab, p.grammar.encode("utf-8"), b"root")
+            if not g:
+                lc.llama_sampler_free(chain)
+                raise InvalidRequest("this schema cannot be turned into a valid grammar", param="response_format")
+            add(g)
+        if p.temperature <= 0:
+            add(lc.llama_sampler_init_greedy())
+        else:
+            add(lc.llama_sampler_init_top_k(p.top_k))
+            add(lc.llama_sampler_init_top_p(p.top_p, 1))
+            add(lc.llama_sampler_init_min_p(p.min_p, 1))
+            add(lc.llama_sampler_init_temp(p.temperature))
+            seed = p.seed if p.seed is not None else random.randrange(0, 2**31)
+            add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
 
-    def _logprob(self, token: int, top_n: int) -> TokenLogprob:
-        ptr = self._llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+    def free_sampler(self, chain) -> None:
+        if chain:
+            self._lc.llama_sampler_free(chain)
+
+    def sample(self, chain, i: int) -> int:
+        """Sample from the logits of batch entry ``i`` (the chain accepts the token)."""
+        return int(self._lc.llama_sampler_sample(chain, self.ctx, i))
+
+    def logprob(self, i: int, token: int, top_n: int) -> TokenLogprob:
+        """Log-probability of ``token`` and the ``top_n`` likeliest tokens under
+        the raw logits of batch entry ``i``."""
+        ptr = self._lc.llama_get_logits_ith(self.ctx, i)
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
         m = logits.max()
-        lse = m + np.log(np.exp(logits - m).sum())
-        lp = logits - lse
+        lp = logits - (m + np.log(np.exp(logits - m).sum()))
 
         def entry(t: int) -> tuple[str, list[int], float]:
-            b = self.llm.detokenize([t], special=True)
+            b = self.piece(t, special=True)
             return b.decode("utf-8", errors="replace"), list(b), float(lp[t])
 
         top = []
@@ -153,152 +359,30 @@ class LoadedModel:
         text, b, p = entry(token)
         return TokenLogprob(token=text, bytes=b, logprob=p, top=top)
 
-    def piece(self, token: int) -> bytes:
-        """The bytes of one token (special tokens render empty), cached."""
-        b = self._pieces.get(token)
-        if b is None:
-            lc = self._llama_cpp
-            buf = ctypes.create_string_buffer(64)
-            n = lc.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = lc.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            b = self._pieces[token] = buf.raw[:max(n, 0)]
-        return b
+    # -- KV cache and decoding (decode-loop thread only) ---------------------------
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        return bool(self._lc.llama_memory_seq_rm(self.mem, seq, p0, p1))
 
-    def _evaluate_prompt(self, prompt: list[int]) -> int:
-        """Bring the KV cache to ``prompt``, reusing the longest common prefix
-        with what it holds; returns how many prompt tokens were reused."""
-        n = 0
-        for a, b in zip(self._cache_tokens, prompt):
-            if a != b:
-                break
-            n += 1
-        if n == len(prompt):
-            n -= 1  # the last prompt token is decoded again to get fresh logits
-        ctx = self.llm._ctx
-        if n < len(self._cache_tokens) and not ctx.kv_cache_seq_rm(0, n, -1):
-            ctx.kv_cache_clear()
-            n = 0
-        self._cache_tokens = prompt[:n]
-        batch, step = self.llm._batch, self.llm.n_batch
-        try:
-            for i in range(n, len(prompt), step):
-                chunk = prompt[i:i + step]
-                batch.set_batch(batch=chunk, n_past=i, logits_all=False)
-                ctx.decode(batch)
-                self._cache_tokens.extend(chunk)
-        except RuntimeError:
-            ctx.kv_cache_clear()
-            self._cache_tokens = []
-            raise
-        return n
+    def decode(self, batch: Batch) -> int:
+        """llama_decode of ``batch``; 0 on success (see llama.h for the rest)."""
+        b = batch.b
+        b.n_tokens = batch.n
+        return int(self._lc.llama_decode(self.ctx, b))
 
-    def generate(self, job: GenerationJob, emit: Emit, cancel: threading.Event) -> Finished:
-        """Run one generation, calling ``emit`` with Pieces and finally a Finished.
-
-        The token loop is lean on purpose: sampling runs in llama.cpp's sampler
-        chain, one reusable single-token batch is decoded per step, token bytes
-        come from a cache, and logits are only read when logprobs are asked for."""
-        lc = self._llama_cpp
-        p = job.params
-        prompt = job.prompt_tokens
-        n_prompt = len(prompt)
-        room = self.n_ctx - n_prompt
-        limit = room if p.max_tokens is None else min(p.max_tokens, room)
-        grammar = self._make_grammar(p)
-        self.llm.set_seed(p.seed if p.seed is not None else random.randrange(0, 2**31))
-        stream = TextStream(p.stop, p.capture_markers)
-        if job.prefix_text:
-            emit(Piece(job.prefix_text))
-        n_out, first_at, reason, cached = 0, None, "length", 0
-        if limit > 0 and not cancel.is_set():
-            cached = self._evaluate_prompt(prompt)
-            sampler = self.llm._init_sampler(top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, temp=p.temperature,
-                                             repeat_penalty=p.repeat_penalty,
-                                             frequency_penalty=p.frequency_penalty,
-                                             presence_penalty=p.presence_penalty, grammar=grammar)
-            smpl, ctx, vocab = sampler.sampler, self.llm._ctx.ctx, self._vocab
-            sample, decode, is_eog = lc.llama_sampler_sample, lc.llama_decode, lc.llama_vocab_is_eog
-            one = (lc.llama_token * 1)()
-            batch_one = lc.llama_batch_get_one(one, 1)
-            cache, piece, feed = self._cache_tokens, self.piece, stream.feed
-            while True:
-                if cancel.is_set():
-                    reason = "cancelled"
-                    break
-                tok = sample(smpl, ctx, -1)
-                if is_eog(vocab, tok):
-                    reason = "stop"
-                    break
-                n_out += 1
-                if first_at is None:
-                    first_at = time.monotonic()
-                lp = [self._logprob(tok, p.top_logprobs)] if p.logprobs else []
-                text = feed(piece(tok))
-                if text or lp:
-                    emit(Piece(text, lp))
-                if stream.stopped:
-                    reason = "stop"
-                    break
-                if n_out >= limit:
-                    reason = "length"
-                    break
-                one[0] = tok
-                if decode(ctx, batch_one) != 0:
-                    self.llm._ctx.kv_cache_clear()
-                    self._cache_tokens = []
-                    raise RuntimeError("llama_decode failed during generation")
-                cache.append(tok)
-        tail = stream.flush()
-        if tail:
-            emit(Piece(tail))
-        if stream.captured is not None and reason == "stop":
-            reason = "capture"
-        fin = Finished(reason, n_prompt, n_out, captured=stream.captured or "", cached_tokens=cached,
-                       first_token_at=first_at)
-        emit(fin)
-        return fin
-
-    # -- embeddings -------------------------------------------------------------
-    def _embedding_context(self):
-        """A second llama context on the same model, in embedding mode with mean
-        pooling (weights are mmap'd, so they are shared)."""
-        if self._embedder is None:
-            import llama_cpp
-            n = min(self.n_ctx, 8192)
-            self._embedder = llama_cpp.Llama(str(self.path), embedding=True, n_ctx=n, n_batch=n, n_ubatch=n,
-                                             n_threads=self._n_threads, n_gpu_layers=self._n_gpu_layers,
-                                             pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
-        return self._embedder
-
-    def embed_limit(self) -> int:
-        return min(self.n_ctx, 8192)
-
-    def embed(self, inputs: list[list[int]], cancel: threading.Event) -> list[np.ndarray]:
-        import llama_cpp
-        with self._embed_lock:
-            emb = self._embedding_context()
-            n_embd = emb.n_embd()
-            out = []
-            for toks in inputs:
-                if cancel.is_set():
-                    break
-                emb._ctx.kv_cache_clear()
-                emb._batch.set_batch(batch=toks, n_past=0, logits_all=True)
-                emb._ctx.decode(emb._batch)
-                ptr = llama_cpp.llama_get_embeddings_seq(emb._ctx.ctx, 0)
-                v = np.array(ptr[:n_embd], dtype=np.float32)
-                norm = float(np.linalg.norm(v))
-                out.append(v / norm if norm > 0 else v)
-                emb._batch.reset()
-            return out
+    def decode_chunk(self, batch: Batch, tokens: Sequence[int], pos: int, seq: int) -> int:
+        batch.clear()
+        for k, t in enumerate(tokens):
+            batch.add(t, pos + k, seq, False)
+        return self.decode(batch)
 
     def close(self) -> None:
-        for llm in (self._embedder, getattr(self, "llm", None)):
-            if llm is not None:
+        emb, self.embedder = self.embedder, None
+        if emb is not None:
+            emb.close()
+        for obj in (getattr(self, "_ctx", None), getattr(self, "_model", None)):
+            if obj is not None:
                 try:
-                    llm.close()
+                    obj.close()
                 except Exception:  # pragma: no cover
                     pass
-        self._embedder = None
+        self._ctx = None

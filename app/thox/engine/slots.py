@@ -1,0 +1,70 @@
+"""Slots: the KV-cache sequences of one model's generation context.
+
+Each slot owns one llama.cpp sequence (``seq``) of ``n_ctx`` tokens and
+remembers which tokens its KV cache holds, so a new request can continue from
+the longest prefix it shares with an idle slot.
+
+Only part of what a slot holds may be reused. llama.cpp computes a token's
+K/V slightly differently (different matmul kernels, different rounding) when
+it is evaluated alone than when it is evaluated in a chunk of two or more
+tokens of its sequence. A fresh request evaluates its prompt in chunks, so
+only the leading tokens that were themselves evaluated in such chunks
+(``n_exact``) are reused: results then never depend on what the cache held.
+Generated tokens (evaluated one at a time) are not reused.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)   # what this sequence's KV cache holds, from position 0
+    n_exact: int = 0            # leading tokens evaluated in prompt chunks of two or more (reusable)
+    last_used: float = 0.0      # time.monotonic() when its last request ended (0: never used)
+    active: Any = None          # the request running in it, None when idle
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of ``prompt`` this slot's cache can supply."""
+        return common_prefix(self.tokens[:self.n_exact], prompt)
+
+
+def keep_for(prompt_len: int, reusable: int) -> int:
+    """How many cached tokens a request with a ``prompt_len``-token prompt keeps,
+    given ``reusable`` matching ones. The last prompt token is always evaluated
+    on its own (so its logits never come from a cache), and the rest is
+    evaluated in chunks of two or more tokens, never one."""
+    keep = min(reusable, prompt_len - 1)
+    if prompt_len - 1 - keep == 1 and keep > 0:
+        keep -= 1
+    return max(keep, 0)
+
+
+def choose_slot(idle: list[Slot], prompt: Sequence[int]) -> tuple[Slot, int]:
+    """The idle slot for ``prompt`` and how many of its cached tokens to keep.
+
+    The slot with the longest reusable prefix wins when the request keeps at
+    least half of that slot's reusable cache (a continued conversation, a
+    repeated fill-in-the-middle prefix); otherwise the least recently used
+    slot is taken (an empty one first), so two users who share only a short
+    system prompt do not evict each other's conversations."""
+    now = time.monotonic()
+    scored = [(s.reusable(prompt), s) for s in idle]
+    n, best = max(scored, key=lambda x: (x[0], now - x[1].last_used, -x[1].seq))
+    if n > 0 and 2 * n >= best.n_exact:
+        return best, keep_for(len(prompt), n)
+    lru = min(idle, key=lambda s: (s.last_used, s.seq))
+    return lru, keep_for(len(prompt), lru.reusable(prompt))
