@@ -124,6 +124,20 @@ def _parse_parallel(v: Any) -> int | str:
     return _parse_int(1, MAX_PARALLEL)(v)
 
 
+def parse_origins(value: Any) -> list[str]:
+    """``*``, or web origins (``scheme://host[:port]``) separated by commas or
+    spaces; empty means none."""
+    items = [s.strip().rstrip("/") for s in re.split(r"[,\s]+", str(value)) if s.strip()]
+    for s in items:
+        if s != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", s, re.I):
+            raise ValueError(f"{s!r} is not an origin like http://host:port (or *)")
+    return items
+
+
+def _parse_origins(v: Any) -> str:
+    return ",".join(parse_origins(v))
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -152,6 +166,9 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("api.queue_size", _parse_int(0, 10000), 8, "requests that may wait per model before 429"),
     Key("api.rate_limit", _parse_int(0, 1000000), 100, "requests per minute per client (0 = off)"),
     Key("api.rate_limit_loopback", _parse_bool, False, "also rate-limit clients on the box itself"),
+    Key("api.cors_origins", _parse_origins, "*", "web origins whose pages may call the API with the key "
+        "(comma-separated, * = any, empty = none)"),
+    Key("api.ollama_keyless", _parse_bool, False, "let Ollama-API clients (/api/...) in without the API key"),
     Key("api.max_connections_per_client", _parse_int(0, 100000), 64,
         "open connections one client address may hold (0 = no limit)"),
     Key("api.web_hosts", _parse_hosts, "", "more names the web page answers to (comma-separated), besides the "

@@ -19,7 +19,7 @@ from ..config import Config
 from ..engine.manager import ModelManager, Settings
 from ..errors import InvalidRequest
 from ..store import ModelStore
-from . import anthropic, errors, responses, routes
+from . import anthropic, cors, errors, responses, routes
 from .auth import KeyFile, credential
 from .metrics import Metrics
 from .ratelimit import RateLimiter
@@ -123,7 +123,7 @@ def create_app(config: Config | None = None) -> Quart:
     async def _auth() -> None:
         g.t0 = time.monotonic()
         g.extra_headers = {}
-        if request.path.startswith("/v1/") or request.path == "/v1":
+        if cors.is_api_path(request.path):
             g.extra_headers = app.extensions["thox"]["ratelimit"].check(request.remote_addr)
             app.extensions["thox"]["keys"].check(credential(request.headers))
 
@@ -138,6 +138,7 @@ def create_app(config: Config | None = None) -> Quart:
         return resp
 
     errors.install(app)
+    cors.install(app, config)
     routes.register(app)
     responses.register(app)
     anthropic.register(app)

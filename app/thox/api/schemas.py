@@ -116,7 +116,8 @@ class StreamOptions(Base):
     include_usage: bool = False
 
 
-StopParam = Union[str, Annotated[list[str], Field(max_length=4)], None]
+MAX_STOP = 32  # stop strings in one request (OpenAI allows 4; editors send more)
+StopParam = Union[str, Annotated[list[str], Field(max_length=MAX_STOP)], None]
 
 
 class SamplingFields(Base):

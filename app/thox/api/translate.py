@@ -205,8 +205,8 @@ def completion_prompts(req: CompletionRequest, model: LoadedModel) -> list[tuple
                     raise InvalidRequest(f"model '{model.id}' has no fill-in-the-middle tokens; "
                                          f"'suffix' is not supported", param="suffix")
                 toks = model.fim_prompt(item, req.suffix)
-            else:
-                toks = model.tokenize(item, special=False)
+            else:  # special tokens written in the prompt are parsed, as llama-server does
+                toks = model.tokenize(item, special=True)
                 if not toks:
                     toks = [t for t in [model.llm.token_bos()] if t >= 0]
             text = item
