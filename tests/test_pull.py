@@ -1,4 +1,4 @@
-"""Model catalog and pulls (thox.store.catalog, thox.store.pull).
+"""Model catalog and pulls (thox.store.catalog, .pull, .download, .partial; thox.ui progress).
 
 Every download goes to a stdlib HTTP server on 127.0.0.1 (ephemeral port, a
 thread) written here, with Range support and switchable misbehaviour: dropping
@@ -32,10 +32,11 @@ import pytest
 from thox.config import Config
 from thox.errors import StoreError
 from thox.store import ModelStore
-from thox.store import pull as pullmod
+from thox.store import download as dlmod
 from thox.store.catalog import Catalog, load_catalog, parse_catalog, parse_entry, remote_listing
-from thox.store.pull import (LineProgress, PullProgress, TerminalProgressBar, discard_partial, partial_paths,
-                             progress_renderer, pull_model, pull_status)
+from thox.store.partial import discard_partial, lock_path, partial_paths, pull_status
+from thox.store.pull import plan_pull, pull_model
+from thox.ui import LineProgress, PullProgress, TerminalProgressBar, progress_renderer
 from thoxtest import require
 
 pytestmark = pytest.mark.timeout(60)
@@ -393,12 +394,18 @@ def test_pull_pinned_entry_from_mirror(store, server, gguf_files):
     assert len(server.requests) == 1
 
 
-def test_mirror_comes_from_config(store, home, server, gguf_files):
+def test_mirror_is_what_the_caller_passes(store, home, server, gguf_files):
+    """The store does not read THOX_HOME's config: the caller (the CLI) passes
+    models.mirror; without one, catalog entries come from the default host."""
     data = gguf_files["other"]
     server.publish(data)
-    Config(home).set("models.mirror", server.base)
-    m = pull_model(store, "cfg", catalog=catalog_for("cfg", data), **FAST)
-    assert m.sha256 == sha(data) and len(server.requests) == 1
+    Config(home).set("models.mirror", "http://mirror.invalid")
+    cat = catalog_for("cfg", data)
+    plan = plan_pull("cfg", catalog=cat)
+    assert plan.url == cat.get("cfg").url("https://huggingface.co") and plan.url.startswith("https://huggingface.co/")
+    assert plan_pull("cfg", catalog=cat, mirror=server.base).url == server.url(FILE_PATH)
+    m = pull_model(store, "cfg", catalog=cat, mirror=server.base, **FAST)
+    assert m.sha256 == sha(data) and len(server.requests) == 1 and server.api_requests == [META_PATH]
 
 
 def test_only_from_urls_without_a_hash_need_allow_unpinned(store, server, gguf_files):
@@ -588,7 +595,7 @@ def test_disk_full_while_writing_keeps_the_partial(store, server, gguf_files, mo
             return Full(path, mode)
         return real_open(path, mode, *a, **kw)
 
-    monkeypatch.setattr(pullmod, "open", fake_open, raising=False)
+    monkeypatch.setattr(dlmod, "open", fake_open, raising=False)
     with pytest.raises(StoreError) as ei:
         pull_model(store, "f", url=server.url("/f.gguf"), sha256=sha(data), **FAST)
     assert ei.value.code == "insufficient_storage" and "resume" in ei.value.message
@@ -748,7 +755,7 @@ def test_symlink_at_the_lock_is_refused_and_its_target_untouched(store, server, 
     server.add("/s.gguf", data)
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
-    lock = pullmod.lock_path(store, "s")
+    lock = lock_path(store, "s")
     lock.parent.mkdir(parents=True)
     lock.symlink_to(victim)
     with pytest.raises(StoreError) as ei:

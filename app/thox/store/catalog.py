@@ -22,11 +22,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..config import DEFAULT_MIRROR
 from ..errors import StoreError
 from .store import validate_model_id
 
 CATALOG_FILE = "catalog.json"
-DEFAULT_MIRROR = "https://huggingface.co"
 SHA256_RE = re.compile(r"[0-9a-f]{64}")       # fullmatch
 REVISION_RE = re.compile(r"[0-9a-f]{40}")     # fullmatch: a full git commit id
 REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: owner/name

@@ -38,6 +38,7 @@ from . import gguf_meta
 OLD_PREFIX, STAGING_PREFIX, TRASH_PREFIX = ".old-", ".staging-", ".rm-"
 MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")   # used with fullmatch: no trailing newline
 CHUNK = 1 << 20
+FREE_SPACE_MARGIN = 64 << 20   # bytes a write must leave free on the store's disk
 
 
 def validate_model_id(model_id: str) -> str:
@@ -281,7 +282,7 @@ class ModelStore:
         os.replace(d, trash / "m")
         shutil.rmtree(trash, ignore_errors=True)
 
-    def check_free_space(self, need: int, margin: int = 64 << 20) -> None:
+    def check_free_space(self, need: int, margin: int = FREE_SPACE_MARGIN) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free
         if free < need + margin:
