@@ -1,6 +1,7 @@
-"""The device web page (issue 4, "Web interface"): real `thox serve`
-processes on loopback, driven over HTTP with httpx and in a real browser
-(Debian's chromium via the npm package playwright-core, `make web-deps`).
+"""The device web page: real `thox serve` processes on loopback, driven over
+HTTP with httpx and in a real browser (Debian's chromium via the npm package
+playwright-core, `make web-deps`). The pure parts (limiter, Host matching,
+CSRF helpers, session store) have unit tests in tests/unit/web.
 
 Three servers, each with its own THOX_HOME made by `thox firstboot`:
 ``web`` for the HTTP-level sign-in/CSRF/rotation tests (run in file order),
@@ -466,22 +467,6 @@ def test_sign_in_rate_limit(limited):
     _assert_wait(_attempt(limited, "127.0.0.41", right))
     assert _attempt(limited, "127.0.0.42", right).status_code == 303
     assert_no_secrets_in_log(limited, [limited.first_password, limited.key])
-
-
-def test_login_limiter_counts_ipv4_mapped_as_ipv4():
-    """A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: the same client."""
-    from thox.web import LoginLimiter, client_key
-    assert client_key("::ffff:192.168.1.5") == client_key("192.168.1.5") == "192.168.1.5"
-    assert client_key("fe80::1%eth0") == "fe80::1"
-    lim = LoginLimiter(per_client=2, storm=100)
-    lim.attempt("::ffff:192.168.1.5")
-    lim.attempt("192.168.1.5")
-    assert lim.retry_after("192.168.1.5") > 0 and lim.retry_after("::ffff:192.168.1.5") > 0
-    assert lim.retry_after("2001:db8:1::5") == 0
-    token = lim.attempt("2001:db8:1::5")
-    lim.succeeded("2001:db8:1::5", token)
-    lim.attempt("2001:db8:1::5")
-    assert lim.retry_after("2001:db8:1::5") == 0
 
 
 def test_error_pages_are_html_without_traceback(limited):
