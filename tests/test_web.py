@@ -176,7 +176,7 @@ def test_index_public(web):
     assert f"http://127.0.0.1:{web.port}/v1" in html          # base URL from the Host header
     assert ">tiny<" in html                                    # installed model
     assert "thox-coder-7b" in html and "downloading" in html   # running pull with progress
-    assert "1.2 GB of 4.7 GB" in html and "11.5 MB/s" in html and "5m 00s left" in html
+    assert "1.1 GiB of 4.4 GiB" in html and "11.0 MiB/s" in html and "5m00s left" in html
     assert "thox-embed" in html and "interrupted" in html
     assert "SECRET" not in html                                # pull URLs are not shown
     for lang in ("from openai import OpenAI", "import OpenAI from", "curl http://127.0.0.1"):

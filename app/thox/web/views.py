@@ -10,6 +10,8 @@ from typing import Any
 
 from quart import Response, render_template, request
 
+from ..store.partial import pull_status
+from ..ui import format_bytes, format_duration, format_rate
 from . import admin
 from .security import parse_host
 from .sessions import app_context, config, current_session
@@ -38,28 +40,6 @@ def api_base_url() -> str:
     return f"http://{host}:{port}/v1"
 
 
-def _fmt_bytes(n: Any) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _fmt_eta(s: Any) -> str:
-    if s is None:
-        return ""
-    s = int(s)
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m {s % 60:02d}s"
-    return f"{s}s"
-
-
 def status_data() -> dict[str, Any]:
     """What ``/`` and ``/status.json`` show: models with their state, pulls
     with progress (without their URLs), version, uptime and queue length."""
@@ -70,21 +50,20 @@ def status_data() -> dict[str, Any]:
         log.exception("web: model status failed")
         models = []
     try:
-        from ..store.pull import pull_status
         pulls = pull_status(c["store"])
     except Exception:  # noqa: BLE001
         log.exception("web: pull status failed")
         pulls = []
     for m in models:
-        m["size_text"] = _fmt_bytes(m.get("size"))
+        m["size_text"] = format_bytes(m.get("size"))
         m["state"] = ("broken" if m.get("broken") else "loading" if m.get("loading")
                       else "loaded" if m.get("loaded") else "on disk")
     for p in pulls:
         total, done = p.get("total"), p.get("done") or 0
         p["percent"] = round(100.0 * done / total, 1) if total else None
-        p["done_text"], p["total_text"] = _fmt_bytes(done), _fmt_bytes(total)
-        p["rate_text"] = _fmt_bytes(p.get("rate") or 0) + "/s"
-        p["eta_text"] = _fmt_eta(p.get("eta"))
+        p["done_text"], p["total_text"] = format_bytes(done), format_bytes(total)
+        p["rate_text"] = format_rate(p.get("rate"))
+        p["eta_text"] = "" if p.get("eta") is None else format_duration(p["eta"])
         p["state"] = "downloading" if p.get("active") else "interrupted (run the pull again to resume)"
         p.pop("url", None)    # mirror URLs may carry tokens; the page does not need them
     started = c.get("started") or time.time()
