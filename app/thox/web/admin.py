@@ -8,8 +8,9 @@
   salt, 32-byte hash) with ``must_change: true``.
 * The owner must change it on first sign-in (``set_password``); the change
   clears ``must_change`` and deletes ``admin-password.txt``.
-* ``reset_admin_password(cfg)`` makes a fresh one-time password (for a
-  console-side "forgot password" command).
+* ``reset_admin_password(cfg)`` makes a fresh one-time password, again
+  with ``must_change`` (``thox admin-password reset`` on the console). The
+  web page signs out every session that signed in with an older password.
 
 Every write is atomic (``config.atomic_write``) with mode 0600.
 """
