@@ -115,7 +115,7 @@ MSGS = [{"role": "user", "content": "hi"}]
     ({"model": "tiny", "messages": MSGS, "n": 1000}, "n"),
     ({"model": "tiny", "messages": MSGS, "presence_penalty": 3}, "presence_penalty"),
     ({"model": "tiny", "messages": MSGS, "frequency_penalty": -9}, "frequency_penalty"),
-    ({"model": "tiny", "messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "tiny", "messages": MSGS, "stop": [str(i) for i in range(33)]}, "stop"),
     ({"model": "tiny", "messages": MSGS, "stop": 3}, "stop"),
     ({"model": "tiny", "messages": MSGS, "stream": "yes"}, "stream"),
     ({"model": "tiny", "messages": MSGS, "seed": "x"}, "seed"),

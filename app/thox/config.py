@@ -179,7 +179,8 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("models.mirror", _parse_str, DEFAULT_MIRROR, "base URL that catalog downloads are fetched from"),
     Key("models.memory_budget", _parse_size, None, "bytes loaded models may use (default: 3/4 of RAM)"),
     Key("models.keep_alive", _parse_duration, 300, "seconds an idle model stays loaded"),
-    Key("engine.n_ctx", _parse_int(0, 1 << 20), 4096, "context window per model (0 = the model's own)"),
+    Key("engine.n_ctx", _parse_int(0, 1 << 20), 0, "context window of every model (0 = per model: the "
+        "catalog's, else the trained one up to 32768; halved until it fits models.memory_budget)"),
     Key("engine.n_threads", _parse_int(0, 1024), 0, "CPU threads for inference (0 = all cores)"),
     Key("engine.parallel", _parse_parallel, 4, "slots per model: requests generated at once, each with a KV "
         "cache of engine.n_ctx tokens (auto = as many as fit half of models.memory_budget, up to 8)"),

@@ -13,6 +13,7 @@ from ..engine.manager import ModelManager
 from ..engine.scheduler import JobStream, ModelWorker
 from ..engine.types import Finished, GenerationJob
 from ..errors import ModelBroken, ThoxError
+from . import modelinfo
 from . import translate as tr
 from .translate import FINGERPRINT
 from .errors import error_body
@@ -45,7 +46,8 @@ class Service:
 
     # -- models --------------------------------------------------------------
     def model_object(self, m) -> dict[str, Any]:
-        return {"id": m.id, "object": "model", "created": m.created, "owned_by": "thox"}
+        return {"id": m.id, "object": "model", "created": m.created, "owned_by": "thox",
+                **modelinfo.openai_fields(self.manager, m)}
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.model_object(m) for m in self.manager.store.list()]}

@@ -12,6 +12,7 @@ from ..config import Config
 from ..errors import ModelBroken, ModelNotFound, Overloaded
 from ..store import ModelStore
 from ..store.store import Manifest
+from .context import choose_n_ctx
 from .model import LoadedModel, MemoryPlan, Shape, plan_memory
 from .scheduler import ModelWorker
 
@@ -84,8 +85,12 @@ class ModelManager:
         return self._shapes[key]
 
     def n_ctx_for(self, m: Manifest) -> int:
-        """The context of each of ``m``'s slots."""
-        return self.settings.n_ctx
+        """The context of each of ``m``'s slots (see thox.engine.context)."""
+        shape = self.shape(m)
+        p = self.settings.parallel
+        fixed = p if isinstance(p, int) else 1
+        return choose_n_ctx(m.id, m.context_length, self.settings.n_ctx, self.settings.memory_budget,
+                            lambda n: estimate_memory(m, n, fixed, shape))
 
     def parallel_for(self, m: Manifest, n_ctx: int) -> int:
         """Slots for ``m``: engine.parallel, or for ``auto`` as many as fit half

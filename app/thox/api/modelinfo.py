@@ -1,0 +1,29 @@
+"""What clients read about a model before using it: the context window it is
+served with and what it can do. Shared by ``/v1/models`` and Ollama's
+``/api/tags`` and ``/api/show``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine.manager import ModelManager
+from ..store.store import Manifest
+
+
+def context_length(manager: ModelManager, m: Manifest) -> int:
+    """The context the model has when loaded (or will have when it loads)."""
+    w = manager.workers.get(m.id)
+    if w is not None and not w.closed:
+        return int(w.model.n_ctx)
+    return manager.n_ctx_for(m)
+
+
+def capabilities(m: Manifest) -> dict[str, bool]:
+    chat = m.kind != "embedding"
+    return {"chat": chat, "completion": chat, "fim": bool(m.fim) and chat, "tools": chat,
+            "embeddings": m.kind == "embedding", "vision": False}
+
+
+def openai_fields(manager: ModelManager, m: Manifest) -> dict[str, Any]:
+    n = context_length(manager, m)
+    return {"context_length": n, "max_model_len": n, "capabilities": capabilities(m)}
