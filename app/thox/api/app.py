@@ -19,7 +19,7 @@ from ..config import Config
 from ..engine.manager import ModelManager, Settings
 from ..errors import InvalidRequest
 from ..store import ModelStore
-from . import anthropic, cors, errors, responses, routes
+from . import anthropic, cors, errors, ollama, responses, routes
 from .auth import KeyFile, credential
 from .metrics import Metrics
 from .ratelimit import RateLimiter
@@ -125,7 +125,11 @@ def create_app(config: Config | None = None) -> Quart:
         g.extra_headers = {}
         if cors.is_api_path(request.path):
             g.extra_headers = app.extensions["thox"]["ratelimit"].check(request.remote_addr)
-            app.extensions["thox"]["keys"].check(credential(request.headers))
+            key = credential(request.headers)
+            if key is None and request.path.startswith("/api/") and config.get("api.ollama_keyless"):
+                g.cors_denied = True  # admitted without a key: no other origin may read the answer
+                return
+            app.extensions["thox"]["keys"].check(key)
 
     @app.after_request
     async def _count(resp: Response) -> Response:
@@ -140,8 +144,8 @@ def create_app(config: Config | None = None) -> Quart:
     errors.install(app)
     cors.install(app, config)
     routes.register(app)
-    responses.register(app)
-    anthropic.register(app)
+    for layer in (responses, anthropic, ollama):
+        layer.register(app)
     from .. import web
     web.register(app)
     return app

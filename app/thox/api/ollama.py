@@ -1,0 +1,365 @@
+"""A subset of Ollama's native API for clients that speak only it (VS Code
+Copilot's Ollama provider, Open WebUI's Ollama connection, the ``ollama``
+libraries): ``/api/version``, ``/api/tags``, ``/api/ps``, ``/api/show``,
+``/api/chat``, ``/api/generate`` (NDJSON streams, on by default as in
+Ollama), ``/api/embed`` and ``/api/embeddings``. Same models, same engine:
+chat goes through ``Service.chat`` (chatbridge), raw and fill-in-the-middle
+generation through ``Service.completions``, embeddings through
+``Service.embeddings``. Errors are ``{"error": "message"}``.
+
+Authentication is the API key, like every API route; ``api.ollama_keyless``
+lets requests without any key through on these routes (for clients that
+cannot send one).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Union
+
+from quart import Quart, Response, current_app, jsonify, request
+
+from ..errors import InvalidRequest
+from ..store.store import Manifest
+from . import chatbridge, modelinfo
+from .chatbridge import ChatResult, Event
+from .schemas import Base, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+PREFIX = "/api/"
+# the Ollama API level these routes follow (clients check it before use)
+OLLAMA_VERSION = "0.12.0"
+NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
+                  "X-Accel-Buffering": "no"}
+
+
+class OllamaRequest(Base):
+    model: str | None = None
+    name: str | None = None                 # older clients say name
+    options: dict[str, Any] | None = None
+    format: Union[str, dict[str, Any], None] = None
+    stream: bool | None = True
+    keep_alive: Union[str, int, float, None] = None
+    think: Union[bool, str, None] = None
+
+    def model_id(self) -> str:
+        return resolve(self.model or self.name)
+
+
+class ChatBody(OllamaRequest):
+    messages: list[dict[str, Any]] = []
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateBody(OllamaRequest):
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    raw: bool | None = False
+    images: list[Any] | None = None
+
+
+class EmbedBody(OllamaRequest):
+    input: Union[str, list[str], None] = None
+    prompt: str | None = None               # /api/embeddings
+    dimensions: int | None = None
+
+
+def _manager():
+    return current_app.extensions["thox"]["manager"]
+
+
+def _service():
+    return current_app.extensions["thox"]["service"]
+
+
+def resolve(name: str | None) -> str:
+    """The installed model ``name`` names; Ollama clients may add ``:latest``."""
+    if not name:
+        raise InvalidRequest("model is required", param="model")
+    store = _manager().store
+    if not store.has(name) and name.endswith(":latest") and store.has(name.removesuffix(":latest")):
+        return name.removesuffix(":latest")
+    _manager().manifest(name)     # raises the not-found error
+    return name
+
+
+# -- model listing -------------------------------------------------------------------------
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _details(m: Manifest) -> dict[str, Any]:
+    return {"parent_model": "", "format": "gguf", "family": m.architecture,
+            "families": [m.architecture], "parameter_size": "", "quantization_level": ""}
+
+
+def _listing(m: Manifest) -> dict[str, Any]:
+    return {"name": m.id, "model": m.id, "modified_at": _iso(m.created), "size": m.size,
+            "digest": m.sha256, "details": _details(m)}
+
+
+def _capabilities(m: Manifest) -> list[str]:
+    caps = modelinfo.capabilities(m)
+    names = {"completion": "completion", "tools": "tools", "fim": "insert", "embeddings": "embedding",
+             "vision": "vision"}
+    return [name for key, name in names.items() if caps.get(key)]
+
+
+# -- options → chat/completion fields ---------------------------------------------------------
+def _sampling(body: OllamaRequest) -> dict[str, Any]:
+    o = body.options or {}
+    out: dict[str, Any] = {}
+    for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
+                     ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
+        if o.get(src) is not None:
+            out[dst] = o[src]
+    if isinstance(out.get("temperature"), int) and not isinstance(out["temperature"], bool):
+        out["temperature"] = float(out["temperature"])
+    if isinstance(o.get("num_predict"), int) and o["num_predict"] > 0:
+        out["max_tokens"] = o["num_predict"]
+    stop = o.get("stop")
+    if stop:
+        out["stop"] = [stop] if isinstance(stop, str) else stop
+    return out
+
+
+def _format(fmt: Any) -> dict[str, Any] | None:
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
+    raise InvalidRequest("format must be \"json\" or a JSON schema object", param="format")
+
+
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ollama messages as chat messages. Ollama's tool calls carry no ids, so
+    each gets one here and each tool message answers the oldest open call."""
+    out: list[dict[str, Any]] = []
+    open_calls: list[str] = []
+    n = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise InvalidRequest(f"messages[{i}]: expected a role of system, user, assistant or tool",
+                                 param=f"messages[{i}].role")
+        if m.get("images"):
+            raise InvalidRequest(f"messages[{i}]: images are not supported by this model", param=f"messages[{i}]")
+        content = m.get("content") or ""
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+                    raise InvalidRequest(f"messages[{i}].tool_calls: each needs function.name", param=f"messages[{i}]")
+                args = f.get("arguments") or {}
+                n += 1
+                cid = c.get("id") if isinstance(c.get("id"), str) else f"call_{n}"
+                open_calls.append(cid)
+                calls.append({"id": cid, "type": "function", "function": {
+                    "name": f["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+            out.append({"role": "assistant", "content": content or None, "tool_calls": calls})
+        elif m["role"] == "tool":
+            cid = m.get("tool_call_id") if isinstance(m.get("tool_call_id"), str) else \
+                (open_calls.pop(0) if open_calls else f"call_{n + 1}")
+            out.append({"role": "tool", "tool_call_id": cid, "content": content})
+        else:
+            out.append({"role": m["role"], "content": content})
+    return out
+
+
+def chat_request(body: ChatBody) -> ChatCompletionRequest:
+    chat: dict[str, Any] = {"model": body.model_id(), "messages": chat_messages(body.messages)}
+    if body.tools:
+        chat["tools"] = [{"type": "function", "function": t.get("function") or {}} for t in body.tools]
+    fmt = _format(body.format)
+    if fmt:
+        chat["response_format"] = fmt
+    chat.update(_sampling(body))
+    return ChatCompletionRequest.model_validate(chat)
+
+
+# -- output ----------------------------------------------------------------------------------------
+def _stats(res: ChatResult, t0: float) -> dict[str, Any]:
+    total = int((time.monotonic() - t0) * 1e9)
+    return {"done_reason": "length" if res.finish_reason == "length" else "stop",
+            "total_duration": total, "load_duration": 0, "prompt_eval_count": res.prompt_tokens,
+            "prompt_eval_duration": 0, "eval_count": res.completion_tokens, "eval_duration": total}
+
+
+def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for c in calls:
+        try:
+            args = json.loads(c["function"]["arguments"] or "{}")
+        except ValueError:
+            args = {}
+        out.append({"id": c["id"], "function": {"name": c["function"]["name"],
+                                                "arguments": args if isinstance(args, dict) else {}}})
+    return out
+
+
+def _line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+async def _ndjson(source: AsyncIterator[Event], model: str, t0: float, chat: bool) -> AsyncIterator[str]:
+    def piece(**fields: Any) -> dict[str, Any]:
+        base = {"model": model, "created_at": _iso(time.time())}
+        if chat:
+            return {**base, "message": {"role": "assistant", "content": fields.pop("content", ""), **fields},
+                    "done": False}
+        return {**base, "response": fields.pop("content", ""), **fields, "done": False}
+
+    async for e in source:
+        if e.kind == "text":
+            yield _line(piece(content=e.text))
+        elif e.kind == "reasoning":
+            yield _line(piece(thinking=e.text))
+        elif e.kind == "tool_calls" and chat:
+            yield _line(piece(tool_calls=_tool_calls(e.tool_calls)))
+        elif e.kind == "finish":
+            assert e.result is not None
+            yield _line({**piece(), "done": True, **_stats(e.result, t0)})
+            return
+        elif e.kind == "error":
+            yield _line({"error": (e.error or {}).get("message") or "generation failed"})
+            return
+
+
+def _stream(source: AsyncIterator[Event], model: str, t0: float, chat: bool) -> Response:
+    resp = Response(_ndjson(source, model, t0, chat), headers=NDJSON_HEADERS)
+    resp.timeout = None
+    return resp
+
+
+# -- routes ---------------------------------------------------------------------------------------
+def register(app: Quart) -> None:
+    from .app import json_body
+
+    @app.get("/api/version")
+    async def ollama_version():
+        return jsonify({"version": OLLAMA_VERSION})
+
+    @app.get("/api/tags")
+    async def ollama_tags():
+        return jsonify({"models": [_listing(m) for m in _manager().store.list()]})
+
+    @app.get("/api/ps")
+    async def ollama_ps():
+        manager = _manager()
+        loaded = []
+        for mid, w in list(manager.workers.items()):
+            m = manager.manifest(mid)
+            loaded.append({**_listing(m), "size_vram": 0, "expires_at": _iso(time.time() + manager.settings.keep_alive),
+                           "context_length": int(w.model.n_ctx)})
+        return jsonify({"models": loaded})
+
+    @app.post("/api/show")
+    async def ollama_show():
+        body = OllamaRequest.model_validate(await json_body())
+        manager = _manager()
+        m = manager.manifest(body.model_id())
+        n_ctx = modelinfo.context_length(manager, m)
+        return jsonify({
+            "modelfile": f"# served by thox\nFROM {m.id}\n", "parameters": f"num_ctx {n_ctx}",
+            "template": "", "details": _details(m),
+            "model_info": {"general.architecture": m.architecture, f"{m.architecture}.context_length": n_ctx},
+            "capabilities": _capabilities(m), "modified_at": _iso(m.created),
+        })
+
+    @app.post("/api/chat")
+    async def ollama_chat():
+        t0 = time.monotonic()
+        body = ChatBody.model_validate(await json_body())
+        req = chat_request(body)
+        if not body.messages:           # Ollama loads the model and answers at once
+            await _manager().get(req.model)
+            return jsonify({"model": req.model, "created_at": _iso(time.time()),
+                            "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+        if body.stream is not False:
+            return _stream(await chatbridge.open_stream(_service(), req), req.model, t0, chat=True)
+        res = await chatbridge.complete(_service(), req)
+        msg: dict[str, Any] = {"role": "assistant", "content": res.text}
+        if res.reasoning:
+            msg["thinking"] = res.reasoning
+        if res.tool_calls:
+            msg["tool_calls"] = _tool_calls(res.tool_calls)
+        return jsonify({"model": req.model, "created_at": _iso(time.time()), "message": msg, "done": True,
+                        **_stats(res, t0)})
+
+    @app.post("/api/generate")
+    async def ollama_generate():
+        t0 = time.monotonic()
+        body = GenerateBody.model_validate(await json_body())
+        model = body.model_id()
+        if body.images:
+            raise InvalidRequest("images are not supported by this model", param="images")
+        if not body.prompt and body.suffix is None:
+            await _manager().get(model)
+            return jsonify({"model": model, "created_at": _iso(time.time()), "response": "", "done": True,
+                            "done_reason": "load"})
+        fmt = _format(body.format)
+        if body.raw or body.suffix is not None:
+            if fmt:
+                raise InvalidRequest("format needs a chat prompt (raw is false, no suffix)", param="format")
+            fields = _sampling(body)
+            fields.setdefault("max_tokens", None)
+            req: Any = CompletionRequest.model_validate({"model": model, "prompt": body.prompt or "",
+                                                         **({"suffix": body.suffix} if body.suffix is not None
+                                                            else {}), **fields})
+            if body.stream is not False:
+                return _stream(await chatbridge.open_text_stream(_service(), req), model, t0, chat=False)
+            res = await chatbridge.complete_text(_service(), req)
+        else:
+            messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                [{"role": "user", "content": body.prompt}]
+            chat: dict[str, Any] = {"model": model, "messages": messages, **_sampling(body)}
+            if fmt:
+                chat["response_format"] = fmt
+            req = ChatCompletionRequest.model_validate(chat)
+            if body.stream is not False:
+                return _stream(await chatbridge.open_stream(_service(), req), model, t0, chat=False)
+            res = await chatbridge.complete(_service(), req)
+        out: dict[str, Any] = {"model": model, "created_at": _iso(time.time()), "response": res.text, "done": True}
+        if res.reasoning:
+            out["thinking"] = res.reasoning
+        return jsonify({**out, **_stats(res, t0)})
+
+    async def _embed(body: EmbedBody, inputs: Any) -> tuple[dict[str, Any], float]:
+        t0 = time.monotonic()
+        req = EmbeddingRequest.model_validate({"model": body.model_id(), "input": inputs,
+                                               **({"dimensions": body.dimensions} if body.dimensions else {})})
+        return await _service().embeddings(req), t0
+
+    @app.post("/api/embed")
+    async def ollama_embed():
+        body = EmbedBody.model_validate(await json_body())
+        if body.input is None:
+            raise InvalidRequest("input is required", param="input")
+        out, t0 = await _embed(body, body.input)
+        return jsonify({"model": out["model"], "embeddings": [d["embedding"] for d in out["data"]],
+                        "total_duration": int((time.monotonic() - t0) * 1e9), "load_duration": 0,
+                        "prompt_eval_count": out["usage"]["prompt_tokens"]})
+
+    @app.post("/api/embeddings")
+    async def ollama_embeddings():
+        body = EmbedBody.model_validate(await json_body())
+        if not body.prompt:
+            raise InvalidRequest("prompt is required", param="prompt")
+        out, _ = await _embed(body, body.prompt)
+        return jsonify({"embedding": out["data"][0]["embedding"]})
+
+    @app.after_request
+    async def _ollama_errors(resp: Response) -> Response:
+        if not request.path.startswith(PREFIX) or resp.status_code < 400 or resp.mimetype != "application/json":
+            return resp
+        body = await resp.get_json(force=True, silent=True)
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            resp.set_data(json.dumps({"error": body["error"].get("message") or ""}, ensure_ascii=False))
+        return resp
+
