@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 
 from quart import Quart, Response, current_app, jsonify
 
+from . import chatbridge
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
@@ -39,7 +40,7 @@ def register(app: Quart) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions():
         req = await json_body(ChatCompletionRequest)
-        return _respond(await _ctx()["service"].chat(req))
+        return _respond(await chatbridge.chat(_ctx()["service"], req))
 
     @app.post("/v1/completions")
     async def completions():
