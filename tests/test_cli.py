@@ -170,14 +170,30 @@ from thox.cli import main
 sys.exit(main(["firstboot"]))
 """
 
-FIRSTBOOT_UNIT = ROOT / "systemd" / "thox-firstboot.service"
+ROLES = ROOT / "ansible" / "roles"
+
+
+def firstboot_unit(home: Path | str = "/var/lib/thox") -> str:
+    """thox-firstboot.service as the thox_api role renders it (Jinja, the
+    roles' defaults), with THOX_HOME (``thox_home``) set to ``home``."""
+    import jinja2
+    import yaml
+    variables: dict = {"ansible_managed": "Ansible managed"}
+    for role in ("thox", "thox_api"):
+        variables.update(yaml.safe_load((ROLES / role / "defaults/main.yml").read_text()))
+    variables["thox_home"] = str(home)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROLES / "thox_api/templates"),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True)
+    for _ in range(3):   # defaults that refer to other defaults ("{{ thox_prefix }}/venv")
+        variables = {k: env.from_string(v).render(variables) if isinstance(v, str) else v
+                     for k, v in variables.items()}
+    return env.get_template("thox-firstboot.service.j2").render(variables)
 
 
 def unit_would_run(home: Path) -> bool:
-    """Evaluate thox-firstboot.service's conditions with systemd's own evaluator,
-    its /var/lib/thox paths pointed at ``home``."""
-    conds = [ln.strip().replace("/var/lib/thox", str(home)) for ln in FIRSTBOOT_UNIT.read_text().splitlines()
-             if ln.strip().startswith("Condition")]
+    """Evaluate thox-firstboot.service's conditions, rendered for THOX_HOME=``home``,
+    with systemd's own evaluator."""
+    conds = [ln.strip() for ln in firstboot_unit(home).splitlines() if ln.strip().startswith("Condition")]
     assert conds, "thox-firstboot.service has no condition"
     p = subprocess.run(["systemd-analyze", "condition", *conds], capture_output=True, text=True, timeout=60)
     assert p.returncode in (0, 1) and "Conditions" in p.stdout + p.stderr, p.stdout + p.stderr
@@ -186,9 +202,10 @@ def unit_would_run(home: Path) -> bool:
 
 def test_firstboot_unit_runs_until_every_piece_exists():
     from thox.statefiles import FIRSTBOOT_FILES
-    text = FIRSTBOOT_UNIT.read_text()
-    assert {f"ConditionPathExists=|!/var/lib/thox/{f}" for f in FIRSTBOOT_FILES} == \
+    text = firstboot_unit("/srv/box-home")
+    assert {f"ConditionPathExists=|!/srv/box-home/{f}" for f in FIRSTBOOT_FILES} == \
         {ln.strip() for ln in text.splitlines() if ln.startswith("Condition")}
+    assert "Environment=THOX_HOME=/srv/box-home" in text and "ExecStart=/opt/thox/venv/bin/thox firstboot" in text
 
 
 def test_firstboot_interrupted_after_the_key_finishes_on_the_next_boot(tmp_path):

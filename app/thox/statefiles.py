@@ -25,7 +25,7 @@ ADMIN_PASSWORD_FILE = "admin-password.txt"  # the one-time admin password in cle
 SECRET_FILES: tuple[str, ...] = (API_KEY_FILE, ADMIN_FILE, ADMIN_PASSWORD_FILE)
 
 # what `thox firstboot` makes, each piece on its own; first boot is done when all exist
-# (systemd/thox-firstboot.service runs while any one is missing)
+# (thox-firstboot.service, ansible/roles/thox_api/templates, runs while any one is missing)
 FIRSTBOOT_FILES: tuple[str, ...] = (API_KEY_FILE, ADMIN_FILE)
 
 # config.atomic_write's temporary name: ".<name>.<random>.tmp" next to the target

@@ -1,7 +1,8 @@
 """What a provisioned Thox box must look like (pytest-testinfra).
 
 Contract: ansible/site.yml (roles base, mdns, firewall, ssh, thox_api, models)
-and systemd/thox-api.service. THOX_API_PORT / THOX_WEB_PORT override the ports.
+with the roles' defaults, and the units as the thox_api role renders them.
+THOX_API_PORT / THOX_WEB_PORT override the ports.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import re
 import shlex
 import urllib.request
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +20,6 @@ pytestmark = pytest.mark.slow_infra
 API_PORT = int(os.environ.get("THOX_API_PORT", "8080"))
 WEB_PORT = int(os.environ.get("THOX_WEB_PORT", "80"))
 HOME = "/var/lib/thox"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def root(host):
@@ -70,10 +69,10 @@ def test_app_installed_in_venv(host):
 
 
 @pytest.mark.parametrize("unit", ["thox-api.service", "thox-firstboot.service"])
-def test_units_installed_from_repo(host, unit):
+def test_units_installed_as_the_role_renders_them(host, unit, rendered_units):
     f = host.file(f"/etc/systemd/system/{unit}")
     assert f.is_file and f.user == "root" and f.mode == 0o644
-    assert f.content_string == (REPO / "systemd" / unit).read_text(), f"{unit} differs from systemd/{unit}"
+    assert f.content_string == rendered_units[unit], f"{unit} differs from the thox_api role's rendering"
     # what systemd runs is that file, with nothing layered on top
     p = host.run(f"systemctl show -p FragmentPath -p DropInPaths {unit}").stdout
     assert f"FragmentPath=/etc/systemd/system/{unit}" in p and re.search(r"^DropInPaths=$", p, re.M), p

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_root, need_tools,
+from .conftest import (ABIN, ANSIBLE_DIR, ansible_env, need_ansible, need_root, need_tools,
                        render, run)
 
 pytestmark = pytest.mark.slow_infra
@@ -122,7 +122,7 @@ def test_links_dir_is_one_fact():
     """The role's links folder, the unit's RuntimeDirectory and the script's default agree."""
     defaults = (ANSIBLE_DIR / "roles/firewall/defaults/main.yml").read_text()
     d = re.search(r"^firewall_links_dir: (\S+)$", defaults, re.M).group(1)
-    unit = (SYSTEMD_DIR / "thox-lan-sets.service").read_text()
+    unit = (ANSIBLE_DIR / "roles/firewall/files/thox-lan-sets.service").read_text()
     assert f"RuntimeDirectory={d.removeprefix('/run/')}" in unit and "RuntimeDirectoryPreserve=yes" in unit
     assert re.search(rf'^DEFAULT_DIR = "{re.escape(d)}"$', UPDATER.read_text(), re.M)
     assert re.search(r"^ExecStart=/usr/local/sbin/thox-lan-sets --follow$", unit, re.M)

@@ -1,17 +1,44 @@
 """Cheap checks: ansible-lint (production), --syntax-check, the systemd units
-(systemd-analyze verify and security), and the roles' rendered files."""
+as the roles render them (systemd-analyze verify and security, the role
+variables they follow), the role READMEs, and the roles' rendered files."""
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_tools, render, run
+from .conftest import ABIN, ANSIBLE_DIR, ansible_env, need_ansible, need_tools, render, run
 
 pytestmark = pytest.mark.slow_infra
-UNITS = ["thox-api.service", "thox-firstboot.service", "thox-jetson-clocks.service", "thox-lan-sets.service"]
+ROLES = ANSIBLE_DIR / "roles"
+# every unit the roles install: templates rendered with the role variables, and plain files
+UNIT_TEMPLATES = {
+    "thox-api.service": "thox_api/templates/thox-api.service.j2",
+    "thox-firstboot.service": "thox_api/templates/thox-firstboot.service.j2",
+    "thox-jetson-clocks.service": "jetson/templates/thox-jetson-clocks.service.j2",
+}
+UNIT_FILES = {"thox-lan-sets.service": "firewall/files/thox-lan-sets.service"}
+UNITS = [*UNIT_TEMPLATES, *UNIT_FILES]
+# non-default knobs: the units must follow them
+KNOBS = {"thox_user": "svc", "thox_group": "svcgrp", "thox_home": "/srv/thox-state", "thox_prefix": "/usr/local/thox"}
+
+
+def render_units(tmp: Path, extra_vars: dict | None = None) -> dict[str, str]:
+    """Each unit's text as the roles install it (the roles' defaults plus ``extra_vars``)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    out = render(tmp, [(src, name) for name, src in UNIT_TEMPLATES.items()], extra_vars)
+    units = {name: (out / name).read_text() for name in UNIT_TEMPLATES}
+    units.update({name: (ROLES / src).read_text() for name, src in UNIT_FILES.items()})
+    return units
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory) -> dict[str, str]:
+    return render_units(tmp_path_factory.mktemp("units"))
 
 
 def test_ansible_lint_production():
@@ -27,12 +54,13 @@ def test_syntax_check():
         env=ansible_env(), cwd=ANSIBLE_DIR)
 
 
-def _verify_root(tmp_path: Path, units: dict[str, str]) -> Path:
+def _verify_root(tmp_path: Path, units: dict[str, str], prefix: str = "/opt/thox") -> Path:
     """A scratch root for `systemd-analyze verify --root`: the distribution's
     units, stub executables for the paths our units run, and our units."""
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    for exe in ("opt/thox/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel", "usr/local/sbin/thox-lan-sets"):
+    for exe in (f"{prefix.strip('/')}/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel",
+                "usr/local/sbin/thox-lan-sets"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")
@@ -44,51 +72,114 @@ def _verify_root(tmp_path: Path, units: dict[str, str]) -> Path:
     return root
 
 
-def test_units_verify(tmp_path):
+def _verify(root: Path, names: list[str]) -> subprocess.CompletedProcess:
+    return run(["systemd-analyze", "verify", "--man=no", f"--root={root}", *[f"/etc/systemd/system/{u}" for u in names]],
+               check=False)
+
+
+def test_units_verify(tmp_path, units):
     need_tools("systemd-analyze")
-    root = _verify_root(tmp_path, {u: (SYSTEMD_DIR / u).read_text() for u in UNITS})
-    p = run(["systemd-analyze", "verify", "--man=no", f"--root={root}", *[f"/etc/systemd/system/{u}" for u in UNITS]],
-            check=False)
+    assert sorted(units) == sorted(UNITS)
+    p = _verify(_verify_root(tmp_path, units), UNITS)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
 
 
-def test_units_verify_catches_a_broken_unit(tmp_path):
+def test_units_verify_catches_a_broken_unit(tmp_path, units):
     """Control: the same check fails on a unit with an unknown directive."""
     need_tools("systemd-analyze")
-    bad = (SYSTEMD_DIR / "thox-api.service").read_text().replace("[Service]", "[Service]\nExecStrat=/bin/true\n")
-    root = _verify_root(tmp_path, {"thox-api.service": bad})
-    p = run(["systemd-analyze", "verify", "--man=no", f"--root={root}", "/etc/systemd/system/thox-api.service"],
-            check=False)
+    bad = units["thox-api.service"].replace("[Service]", "[Service]\nExecStrat=/bin/true\n")
+    p = _verify(_verify_root(tmp_path, {"thox-api.service": bad}), ["thox-api.service"])
     assert "ExecStrat" in p.stderr
 
 
-def test_thox_api_security_exposure():
+def test_thox_api_security_exposure(tmp_path, units):
     need_tools("systemd-analyze")
-    p = run(["systemd-analyze", "security", "--offline=true", "--threshold=30", str(SYSTEMD_DIR / "thox-api.service")],
-            check=False)
+    unit = tmp_path / "thox-api.service"
+    unit.write_text(units["thox-api.service"])
+    p = run(["systemd-analyze", "security", "--offline=true", "--threshold=30", str(unit)], check=False)
     m = re.search(r"Overall exposure level for thox-api.service: ([0-9.]+)", p.stdout + p.stderr)
     assert m, p.stdout + p.stderr
     print(f"thox-api.service exposure: {m.group(1)}")
     assert float(m.group(1)) <= 3.0
 
 
-def test_thox_api_unit_contract():
-    u = (SYSTEMD_DIR / "thox-api.service").read_text()
-    for line in ("User=thox", "Type=notify", "Restart=on-failure", "StateDirectory=thox", "ProtectSystem=strict",
-                 "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes",
+def test_thox_api_unit_contract(units):
+    u = units["thox-api.service"]
+    for line in ("User=thox", "Group=thox", "Type=notify", "Restart=on-failure", "StateDirectory=thox",
+                 "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes",
                  "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
                  "AmbientCapabilities=CAP_NET_BIND_SERVICE", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
                  "ExecStart=/opt/thox/venv/bin/thox serve", "Environment=THOX_HOME=/var/lib/thox"):
         assert re.search(rf"^{re.escape(line)}$", u, re.M), line
     assert not re.search(r"^PrivateDevices=", u, re.M), "CUDA on Jetson needs /dev/nvhost*"
-    f = (SYSTEMD_DIR / "thox-firstboot.service").read_text()
+    f = units["thox-firstboot.service"]
     assert "ConditionPathExists=|!/var/lib/thox/api_key" in f and "ConditionPathExists=|!/var/lib/thox/admin.json" in f
     assert "ExecStart=/opt/thox/venv/bin/thox firstboot" in f and "User=thox" in f
 
 
+def test_units_follow_the_role_variables(tmp_path):
+    """thox_user, thox_group, thox_home and thox_prefix are real knobs: the
+    rendered units use them (nothing of the defaults is left) and still verify;
+    a THOX_HOME outside /var/lib is made writable with ReadWritePaths."""
+    need_tools("systemd-analyze")
+    units = render_units(tmp_path / "knobs", KNOBS)
+    for name in ("thox-api.service", "thox-firstboot.service"):
+        u = units[name]
+        assert not re.search(r"/var/lib/thox\b|/opt/thox\b|=thox$", u, re.M), (name, u)
+        for line in ("User=svc", "Group=svcgrp", "Environment=THOX_HOME=/srv/thox-state",
+                     "ReadWritePaths=/srv/thox-state"):
+            assert re.search(rf"^{re.escape(line)}$", u, re.M), (name, line)
+        assert not re.search(r"^StateDirectory", u, re.M), name
+        assert re.search(r"^ExecStart=/usr/local/thox/venv/bin/thox (serve|firstboot)$", u, re.M), name
+    assert "ConditionPathExists=|!/srv/thox-state/api_key" in units["thox-firstboot.service"]
+    root = _verify_root(tmp_path, units, prefix=KNOBS["thox_prefix"])
+    p = _verify(root, UNITS)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+    other = render_units(tmp_path / "varlib", {"thox_home": "/var/lib/thox-b"})["thox-api.service"]
+    assert re.search(r"^StateDirectory=thox-b$", other, re.M) and "ReadWritePaths" not in other
+
+
+def test_roles_stay_in_their_folders():
+    """No role reads files from outside its own folder."""
+    for p in ROLES.rglob("*"):
+        if p.is_file() and p.suffix in (".yml", ".j2"):
+            t = p.read_text()
+            assert not re.search(r"role_path\s*}}\s*/\.\.|playbook_dir\s*}}/\.\./systemd|\.\./systemd", t), p
+
+
+def _defaults(role: Path) -> list[str]:
+    f = role / "defaults/main.yml"
+    return list(yaml.safe_load(f.read_text()) or {}) if f.exists() else []
+
+
+def test_every_default_has_a_comment():
+    """Each variable in defaults/main.yml sits under a comment (alone or in a group)."""
+    for role in sorted(p for p in ROLES.iterdir() if p.is_dir()):
+        f = role / "defaults/main.yml"
+        if not f.exists():
+            continue
+        lines = f.read_text().splitlines()
+        for name in _defaults(role):
+            i = next(n for n, ln in enumerate(lines) if ln.startswith(f"{name}:"))
+            j = i - 1
+            while j >= 0 and lines[j].strip() and lines[j] != "---" and not lines[j].startswith("#"):
+                j -= 1
+            assert j >= 0 and lines[j].startswith("#"), f"{f}: {name} has no comment above it"
+
+
+def test_every_role_has_a_readme_naming_its_variables():
+    for role in sorted(p for p in ROLES.iterdir() if p.is_dir()):
+        readme = role / "README.md"
+        assert readme.is_file(), f"{role.name} has no README.md"
+        text = readme.read_text()
+        assert text.startswith(f"# {role.name}"), readme
+        for name in _defaults(role):
+            assert f"`{name}`" in text, f"{readme} does not describe {name}"
+
+
 def test_no_secrets_in_repo_files():
     """No key, password or authorized key is baked into roles or units."""
-    for p in list(ANSIBLE_DIR.rglob("*")) + list(SYSTEMD_DIR.glob("*")):
+    for p in ANSIBLE_DIR.rglob("*"):
         if p.is_file() and p.suffix in (".yml", ".j2", ".service", ".cfg", ""):
             t = p.read_text(errors="replace")
             assert not re.search(r"ssh-(ed25519|rsa) AAAA[0-9A-Za-z+/]{20,}", t), p
