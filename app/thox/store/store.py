@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from ..config import atomic_write
 from ..errors import InvalidRequest, ModelBroken, ModelNotFound, StoreError
-from . import gguf_meta
+from .gguf_meta import describe, read_metadata
 
 OLD_PREFIX, STAGING_PREFIX, TRASH_PREFIX = ".old-", ".staging-", ".rm-"
 MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")   # used with fullmatch: no trailing newline
@@ -185,8 +185,8 @@ class ModelStore:
                 raise StoreError(f"sha256 mismatch for '{model_id}': expected {expected_sha256.lower()}, "
                                  f"got {digest}; the download is corrupt and was discarded",
                                  code="checksum_mismatch")
-            meta = gguf_meta.read_metadata(staged_file)
-            caps = gguf_meta.describe(meta)
+            meta = read_metadata(staged_file)
+            caps = describe(meta)
             name = file_name or (staged_file.name if staged_file.suffix == ".gguf" else f"{model_id}.gguf")
             stage = self.staging_dir(model_id)
             os.replace(staged_file, stage / name)
@@ -211,7 +211,7 @@ class ModelStore:
         validate_model_id(model_id)
         if not src.is_file():
             raise StoreError(f"no such file: {src}", code="file_not_found")
-        gguf_meta.read_metadata(src)  # refuse non-GGUF before copying gigabytes
+        read_metadata(src)  # refuse non-GGUF before copying gigabytes
         if not replace and self.has(model_id):
             raise StoreError(f"model '{model_id}' is already installed (remove it first: "
                              f"thox models rm {model_id})", code="model_exists")
