@@ -103,3 +103,51 @@ def test_rate_limit(home):
         run_thox(home, "config", "set", "api.rate_limit", "0")
     finally:
         s.stop()
+
+
+def _demo_health(s: Server) -> dict:
+    return [m for m in httpx.get(s.url + "/health", timeout=10).json()["models"] if m["id"] == "thox-demo"][0]
+
+
+def test_memory_budget_counts_the_slots_kv_cache(home):
+    """Every slot's KV cache is part of a model's memory: eight slots need
+    seven slots' KV more than one, and a budget between the two loads the
+    model with one slot only."""
+    one, eight = {}, {}
+    for parallel, into in (("1", one), ("8", eight)):
+        s = Server(home, engine__parallel=parallel, models__memory_budget="8G")
+        try:
+            assert s.post("/chat/completions", {"model": "thox-demo", "messages": MSG,
+                                                "max_tokens": 2}).status_code == 200
+            into.update(_demo_health(s))
+        finally:
+            s.stop()
+    # the KV cache of a slot is n_ctx tokens of K and V (f16) in every layer: SmolLM2-135M has 30 layers
+    # of 3 KV heads of 64 dimensions, and make_home sets engine.n_ctx to 1024
+    per_slot = 1024 * 30 * 3 * 64 * 2 * 2
+    assert one["slots"] == 1 and eight["slots"] == 8
+    assert one["kv_cache_bytes"] == per_slot and eight["kv_cache_bytes"] == 8 * per_slot
+    assert 7 * per_slot <= eight["memory_bytes"] - one["memory_bytes"] < 7 * per_slot + (8 << 20)
+    between = (one["memory_bytes"] + eight["memory_bytes"]) // 2
+    s = Server(home, engine__parallel="8", models__memory_budget=str(between))
+    try:
+        r = s.post("/chat/completions", {"model": "thox-demo", "messages": MSG, "max_tokens": 2})
+        err = assert_error(r, 503, "model_too_large")
+        assert "8 slots" in err["message"] and "KV cache" in err["message"]
+        run_thox(home, "config", "set", "engine.parallel", "1")
+    finally:
+        s.stop()
+    s = Server(home, models__memory_budget=str(between))
+    try:
+        assert s.post("/chat/completions", {"model": "thox-demo", "messages": MSG, "max_tokens": 2}).status_code == 200
+        assert _demo_health(s)["slots"] == 1
+        run_thox(home, "config", "set", "engine.parallel", "auto")
+    finally:
+        s.stop()
+    # auto: as many slots as fit half the budget
+    s = Server(home, models__memory_budget=str(2 * one["memory_bytes"] + 3 * per_slot + per_slot // 2))
+    try:
+        assert s.post("/chat/completions", {"model": "thox-demo", "messages": MSG, "max_tokens": 2}).status_code == 200
+        assert _demo_health(s)["slots"] == 2
+    finally:
+        s.stop()

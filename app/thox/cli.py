@@ -200,6 +200,10 @@ def cmd_status(a: argparse.Namespace) -> int:
     loaded = [m["id"] for m in models if m.get("loaded")]
     print(f"models:  {len(models)} installed, loaded: {', '.join(loaded) or 'none'}")
     print(f"queue:   {sum(m.get('queue', 0) for m in models)} request(s)")
+    for m in models:
+        if m.get("loaded") and m.get("slots"):
+            print(f"slots:   {m['id']}: {m.get('busy', 0)} busy, {m.get('idle', 0)} idle of {m['slots']}, "
+                  f"{m.get('waiting', 0)} waiting")
     return 0
 
 

@@ -1,0 +1,53 @@
+"""Slot choice and prefix reuse (thox.engine.slots), without a model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
+from thox.engine.slots import Slot, choose_slot, common_prefix, keep_for  # noqa: E402
+
+
+def slot(seq: int, tokens: list[int], n_exact: int | None = None, last_used: float = 0.0) -> Slot:
+    return Slot(seq=seq, tokens=list(tokens), n_exact=len(tokens) if n_exact is None else n_exact,
+                last_used=last_used)
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([], [1]) == 0 and common_prefix([1, 2], [1, 2]) == 2
+
+
+def test_keep_for_never_reuses_the_last_prompt_token_nor_leaves_a_lone_one():
+    assert keep_for(10, 10) == 9          # the whole prompt cached: its last token is decoded again
+    assert keep_for(10, 9) == 9
+    assert keep_for(10, 8) == 7           # 1 token left before the last: taken back, chunk of 2
+    assert keep_for(10, 3) == 3
+    assert keep_for(1, 5) == 0 and keep_for(2, 0) == 0
+
+
+def test_a_continued_conversation_takes_its_own_slot():
+    a = slot(0, [1, 2, 3, 4, 5, 6, 7, 8], last_used=5.0)
+    b = slot(1, [1, 2, 9, 9, 9, 9, 9, 9], last_used=1.0)
+    chosen, keep = choose_slot([a, b], [1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22])
+    assert chosen is a and keep == 8
+
+
+def test_a_short_shared_prefix_does_not_evict_a_conversation():
+    """Sharing only a system prompt's start, the request takes the least
+    recently used slot (an empty one first)."""
+    a = slot(0, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], last_used=5.0)
+    empty = slot(1, [])
+    older = slot(2, [50, 51], last_used=2.0)
+    chosen, keep = choose_slot([a, empty, older], [1, 2, 30, 31, 32])
+    assert chosen is empty and keep == 0
+    chosen, keep = choose_slot([a, older], [1, 2, 30, 31, 32])
+    assert chosen is older and keep == 0
+
+
+def test_only_tokens_evaluated_in_prompt_chunks_are_reused():
+    """Generated tokens sit in the cache beyond n_exact; they are never reused."""
+    a = slot(0, [1, 2, 3, 4, 5, 6, 7, 8], n_exact=4, last_used=1.0)
+    chosen, keep = choose_slot([a], [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert chosen is a and keep == 4
