@@ -28,9 +28,10 @@ pytestmark = [pytest.mark.image, pytest.mark.timeout(3600)]
 REPO = Path(__file__).resolve().parents[2]
 TIMES = {}
 # SIGKILL of thox-api until /health answers from a new process, on the booted image under
-# QEMU TCG (Python starts several times slower than on hardware; 5 s is asserted natively
-# in tests/provision); the helper itself gives up after 60 s
-IMAGE_RESTART_BOUND_S = 30
+# QEMU TCG: Python starts several times slower than on hardware (26 s measured with a shared,
+# loaded host; 5 s is asserted natively in tests/provision). Below the helper's own 60 s
+# give-up, so a service that does not come back fails here.
+IMAGE_RESTART_BOUND_S = 50
 
 
 @pytest.fixture(scope="module")
