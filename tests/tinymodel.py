@@ -37,7 +37,7 @@ def _byte_tokens() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-def write_tiny_gguf(path: Path | str, *, fim: bool = True, chat_template: bool = True,
+def write_tiny_gguf(path: Path | str, *, fim: bool = True, chat_template: bool | str = True,
                     n_embd: int = 64, n_layer: int = 2, n_ctx: int = 2048, seed: int = 0,
                     name: str = "tiny-test") -> Path:
     import gguf
@@ -77,8 +77,8 @@ def write_tiny_gguf(path: Path | str, *, fim: bool = True, chat_template: bool =
         w.add_uint32("tokenizer.ggml.fim_pre_token_id", sid["<|fim_prefix|>"])
         w.add_uint32("tokenizer.ggml.fim_suf_token_id", sid["<|fim_suffix|>"])
         w.add_uint32("tokenizer.ggml.fim_mid_token_id", sid["<|fim_middle|>"])
-    if chat_template:
-        w.add_chat_template(CHATML)
+    if chat_template:  # True: ChatML; a string: that template
+        w.add_chat_template(CHATML if chat_template is True else chat_template)
 
     def t(name: str, *shape: int, scale: float = 0.2) -> None:
         w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
