@@ -40,7 +40,7 @@ def anthropic_sse(text: str) -> list[tuple[str, dict]]:
 
 def test_create_message(claude):
     msg = claude.messages.create(model=DEMO, max_tokens=12, system="Answer briefly.",
-                                 extra_body={"temperature": 0.2, "top_k": 20, "top_p": 0.9},
+                                 extra_body={"temperature": 0, "top_k": 20, "top_p": 0.9},
                                  messages=[{"role": "user", "content": "Say hello."}])
     assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_") and msg.model == DEMO
     assert msg.content[0].type == "text" and msg.content[0].text
@@ -93,7 +93,8 @@ def test_sdk_raises_typed_errors(claude):
 
 
 def test_stream(claude, server):
-    with claude.messages.stream(model=DEMO, max_tokens=16, messages=[{"role": "user", "content": "Count."}]) as s:
+    with claude.messages.stream(model=DEMO, max_tokens=16, messages=[{"role": "user", "content": "Count."}],
+                                extra_body={"temperature": 0}) as s:
         text = "".join(s.text_stream)
         final = s.get_final_message()
     assert text == final.content[0].text and final.usage.output_tokens > 0 and final.usage.input_tokens > 0
@@ -115,7 +116,7 @@ def test_stream(claude, server):
 
 
 def test_tools_round_trip(claude):
-    first = claude.messages.create(model=DEMO, max_tokens=60, tools=[WEATHER], tool_choice={"type": "any"},
+    first = claude.messages.create(model=DEMO, max_tokens=160, tools=[WEATHER], tool_choice={"type": "any"},
                                    messages=[{"role": "user", "content": "What is the weather in Paris?"}])
     assert first.stop_reason == "tool_use"
     use = [b for b in first.content if b.type == "tool_use"][0]
@@ -129,7 +130,7 @@ def test_tools_round_trip(claude):
                                              "content": [{"type": "text", "text": "sunny, 21 C"}]}]}])
     assert second.content[0].type == "text" and second.stop_reason in ("end_turn", "max_tokens")
     # a named tool, streamed: input_json_delta, parsed by the SDK
-    with claude.messages.stream(model=DEMO, max_tokens=60, tools=[WEATHER],
+    with claude.messages.stream(model=DEMO, max_tokens=160, tools=[WEATHER],
                                 tool_choice={"type": "tool", "name": "get_weather"},
                                 messages=[{"role": "user", "content": "Weather in Oslo?"}]) as s:
         kinds = [e.type for e in s]
@@ -158,6 +159,6 @@ def test_structured_output(claude):
         color: Literal["red", "green", "blue"]
         coats: Literal[1, 2, 3]
 
-    msg = claude.messages.parse(model=DEMO, max_tokens=60, output_format=Paint,
+    msg = claude.messages.parse(model=DEMO, max_tokens=160, output_format=Paint,
                                 messages=[{"role": "user", "content": "Pick a paint color and a number of coats."}])
     assert isinstance(msg.parsed_output, Paint)

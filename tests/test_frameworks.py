@@ -9,7 +9,7 @@ import os
 from typing import Literal
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 DEMO = "thox-demo"
 # litellm would fetch its model price list from the internet at import
@@ -32,7 +32,7 @@ class Paint(BaseModel):
 @pytest.fixture(scope="module")
 def lc_chat(server):
     from langchain_openai import ChatOpenAI
-    return ChatOpenAI(model=DEMO, base_url=server.base_url, api_key=server.key, max_tokens=16, max_retries=0,
+    return ChatOpenAI(model=DEMO, base_url=server.base_url, api_key=server.key, max_tokens=16, max_retries=0, temperature=0,
                       timeout=120)
 
 
@@ -52,16 +52,20 @@ def test_langchain_invoke_and_stream(lc_chat):
 def test_langchain_tools_and_structured_output(lc_chat):
     from langchain_core.tools import tool
 
-    @tool
+    class WeatherArgs(BaseModel):
+        city: str = Field(max_length=20)
+
+    @tool(args_schema=WeatherArgs)
     def get_weather(city: str) -> str:
         """Current weather in a city."""
         return f"sunny in {city}"
 
-    msg = lc_chat.bind_tools([get_weather], tool_choice="get_weather").bind(max_tokens=60).invoke(
-        "What is the weather in Paris?")
+    from langchain_openai import ChatOpenAI
+    llm = ChatOpenAI(model=DEMO, base_url=lc_chat.openai_api_base, api_key=lc_chat.openai_api_key,
+                     max_tokens=160, max_retries=0, timeout=120)
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather" and "city" in msg.tool_calls[0]["args"]
-    paint = lc_chat.bind(max_tokens=60).with_structured_output(Paint).invoke(
-        "Pick a paint color and a number of coats.")
+    paint = llm.with_structured_output(Paint).invoke("Pick a paint color and a number of coats.")
     assert isinstance(paint, Paint)
 
 
@@ -99,7 +103,7 @@ def test_litellm_completion_stream_tools(server):
                                      **_ll(server)))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     r = litellm.completion(model=f"openai/{DEMO}", messages=[{"role": "user", "content": "Weather in Paris?"}],
-                           tools=[WEATHER], tool_choice="required", max_tokens=60, **_ll(server))
+                           tools=[WEATHER], tool_choice="required", max_tokens=160, **_ll(server))
     call = r.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
 

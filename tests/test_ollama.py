@@ -44,14 +44,15 @@ def test_show(ol, server):
 def test_chat(ol):
     r = ol.chat(model=DEMO, messages=[{"role": "system", "content": "Be brief."},
                                       {"role": "user", "content": "Say hello."}],
-                options={"num_predict": 8, "temperature": 0.2, "top_k": 20, "stop": ["\n\n"]}, stream=False)
+                options={"num_predict": 8, "temperature": 0, "top_k": 20, "stop": ["\n\n"]}, stream=False)
     assert r.done and r.done_reason in ("stop", "length") and r.message.role == "assistant"
     assert isinstance(r.message.content, str) and 0 < r.eval_count <= 8 and r.prompt_eval_count > 0
     assert r.total_duration > 0
 
 
 def test_chat_stream_ndjson(ol, server):
-    parts = list(ol.chat(model=DEMO, messages=[{"role": "user", "content": "Count."}], options={"num_predict": 8},
+    parts = list(ol.chat(model=DEMO, messages=[{"role": "user", "content": "Count."}],
+                         options={"num_predict": 8, "temperature": 0},
                          stream=True))
     assert parts[-1].done and not any(p.done for p in parts[:-1]) and parts[-1].eval_count > 0
     text = "".join(p.message.content for p in parts)

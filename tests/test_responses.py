@@ -6,9 +6,11 @@ event against the shared OpenAPI spec, and the bounded response store."""
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import httpx
 import pytest
+from pydantic import Field
 
 DEMO = "thox-demo"
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
@@ -74,7 +76,8 @@ def test_create_text(client, server, openapi):
 
 
 def test_stream_event_sequence(client, server, openapi):
-    with client.responses.stream(model=DEMO, input="Count to five.", max_output_tokens=16) as stream:
+    with client.responses.stream(model=DEMO, input="Count to five.", max_output_tokens=16,
+                                 temperature=0) as stream:
         events = list(stream)
         kinds = [e.type for e in events]
         # the SDK's final response exists for response.completed; an answer cut
@@ -101,7 +104,7 @@ def test_stream_event_sequence(client, server, openapi):
 
 def test_function_call_and_result(client, server, openapi):
     first = client.responses.create(model=DEMO, input="What is the weather in Paris?", tools=[WEATHER_TOOL],
-                                    tool_choice="required", max_output_tokens=60)
+                                    tool_choice="required", max_output_tokens=160)
     calls = [o for o in first.output if o.type == "function_call"]
     assert calls, first.output
     call = calls[0]
@@ -119,7 +122,7 @@ def test_function_call_and_result(client, server, openapi):
     # streamed: the arguments arrive as function_call_arguments events
     r = server.post("/responses", {"model": DEMO, "input": "Weather in Oslo?", "tools": [WEATHER_TOOL],
                                    "tool_choice": {"type": "function", "name": "get_weather"},
-                                   "max_output_tokens": 60, "stream": True})
+                                   "max_output_tokens": 160, "stream": True})
     events = sse_named_events(r.text)
     check_events(openapi, events)
     names = [n for n, _ in events]
@@ -129,7 +132,7 @@ def test_function_call_and_result(client, server, openapi):
     final = events[-1][1]["response"]
     assert final["output"][-1]["type"] == "function_call" and final["output"][-1]["arguments"] == done["arguments"]
     with client.responses.stream(model=DEMO, input="Weather in Rome?", tools=[WEATHER_TOOL],
-                                 tool_choice="required", max_output_tokens=60) as stream:
+                                 tool_choice="required", max_output_tokens=160) as stream:
         for _ in stream:
             pass
         fc = [o for o in stream.get_final_response().output if o.type == "function_call"]
@@ -145,7 +148,7 @@ def test_structured_output(client):
         coats: Literal[1, 2, 3]
 
     r = client.responses.parse(model=DEMO, input="Pick a paint color and a number of coats.", text_format=Paint,
-                               max_output_tokens=60)
+                               max_output_tokens=160)
     assert isinstance(r.output_parsed, Paint)
     r = client.responses.create(model=DEMO, input="A JSON object please.", max_output_tokens=40,
                                 text={"format": {"type": "json_object"}})
@@ -222,13 +225,13 @@ def test_openai_agents_sdk(server):
     seen: list[str] = []
 
     @function_tool
-    def get_weather(city: str) -> str:
+    def get_weather(city: Annotated[str, Field(max_length=20)]) -> str:
         """Current weather in a city."""
         seen.append(city)
         return f"sunny in {city}"
 
     agent = Agent(name="weather", instructions="Use the tool to answer.", model=DEMO, tools=[get_weather],
-                  model_settings=ModelSettings(tool_choice="required", max_tokens=60),
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=160),
                   tool_use_behavior="stop_on_first_tool")
     config = RunConfig(tracing_disabled=True)
 
