@@ -230,12 +230,25 @@ def test_stream_include_usage(client):
     assert u.prompt_tokens == plain.prompt_tokens and u.total_tokens == u.prompt_tokens + u.completion_tokens
 
 
-def test_stream_equals_non_stream(client):
-    kw = dict(model="thox-demo", messages=[{"role": "user", "content": "Say hello"}], max_tokens=15, temperature=0)
-    full = client.chat.completions.create(**kw).choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+@pytest.mark.parametrize("system", [None, "You are a careful assistant who writes plainly. " * 70])
+def test_stream_equals_non_stream(client, system):
+    """The same greedy request gives the same text streamed and not, whatever
+    the KV cache holds: first from an empty cache, then with its prompt cached,
+    then after other requests took the slots (a long prompt: several chunks)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Say hello"}]
+    kw = dict(model="thox-demo", messages=msgs, max_tokens=15, temperature=0)
+
+    def streamed() -> str:
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
                        if c.choices)
-    assert streamed == full
+
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    assert streamed() == full
+    for i in range(5):
+        client.chat.completions.create(model="thox-demo", max_tokens=2, temperature=0,
+                                       messages=msgs[:-1] + [{"role": "user", "content": f"Count to {i}"}])
+    assert streamed() == full
+    assert client.chat.completions.create(**kw).choices[0].message.content == full
 
 
 def test_prefix_cache_reused_on_follow_up(server):

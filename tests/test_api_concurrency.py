@@ -301,3 +301,22 @@ def test_slots_in_metrics_health_and_status(slots):
     from thoxtest import run_thox
     out = run_thox(s.home, "status", env={"THOX_API_URL": s.base_url, "THOX_API_KEY": s.key}).stdout
     assert "slots:   thox-demo: 0 busy, 4 idle of 4, 0 waiting" in out, out
+
+
+def test_cancelled_embedding_request_stops_its_work(slots):
+    """A client that gives up on a long embeddings request frees the
+    embedding context: the next request does not wait for the abandoned one."""
+    s = slots
+    small = {"model": "thox-demo", "input": "a short text"}
+    t0 = time.monotonic()
+    assert s.post("/embeddings", small).status_code == 200
+    idle = time.monotonic() - t0
+    # about 60,000 tokens: tens of seconds of work on this model
+    big = {"model": "thox-demo", "input": ["word " * 950 + str(i) for i in range(64)]}
+    with pytest.raises(httpx.TimeoutException):
+        s.post("/embeddings", big, timeout=1.0)
+    t0 = time.monotonic()
+    r = s.post("/embeddings", small)
+    took = time.monotonic() - t0
+    assert r.status_code == 200
+    assert took < max(5.0, 20 * idle), (took, idle)
