@@ -31,6 +31,15 @@ llama-cpp against in-process). Then second-turn TTFT with a shared prompt of
 alone a load section (more concurrent streaming clients than the queue holds:
 requests, outcomes by kind, TTFT p50/p99).
 
+Concurrency table (also alone: --only-concurrency): thox with
+engine.parallel=4, llama-server with -np 4 (-c 4 x n_ctx, so each slot has
+n_ctx tokens) and llama-cpp-python's server (one sequence: it takes requests
+one at a time), each alone on the box: 1, 2, 4 and 8 streams started together
+(greedy, 128 tokens, a different prompt each): aggregate tokens/s (all tokens
+over the round's wall time) and TTFT p50/p99 over all streams; the
+interactive case (a 16-token request sent once a 256-token stream has its
+first token, as a multiple of the same request's idle latency); peak RSS.
+
 Prints a table and writes JSON to --out. Loopback only; bounded (about 2-4
 minutes on 2 cores). Without the llama-server binary its rows say how to
 build it (`make llama-server`; `make bench` builds it first).
@@ -60,6 +69,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 MODEL = "thox-demo"
 ENGINES = ("in-process", "llama-cpp", "llama-server", "thox")
+PARALLEL = 4                          # thox's engine.parallel and llama-server's -np in the concurrency table
+STREAMS = (1, 2, 4, 8)                # concurrent streams in the concurrency table
+SERVERS = ("thox", "llama-server", "llama-cpp")
 MiB = 1 << 20
 
 PROMPTS = [
@@ -258,7 +270,7 @@ class LlamaServer(SDKEngine):
     ($THOX_LLAMA_SERVER_ARGS: extra flags, for experiments)."""
     name = "llama-server"
 
-    def __init__(self, model: Path, threads: int, n_ctx: int, work: Path):
+    def __init__(self, model: Path, threads: int, n_ctx: int, work: Path, parallel: int = 1):
         from thoxtest import free_port
         exe = llama_server_bin()
         if not os.access(exe, os.X_OK):
@@ -270,7 +282,8 @@ class LlamaServer(SDKEngine):
         self.proc = subprocess.Popen([str(exe), "-m", str(model), "--alias", MODEL,
                                       "--host", "127.0.0.1", "--port", str(port),
                                       "-t", str(threads), "-tb", str(os.cpu_count() or 1),
-                                      "-c", str(n_ctx), "-b", "512", "-ub", "512", "-np", "1",
+                                      "-c", str(n_ctx * parallel), "-b", "512", "-ub", "512",
+                                      "-np", str(parallel),
                                       "-fa", "off", "--cache-ram", "0", "--fit", "off", "--no-webui",
                                       *shlex.split(os.environ.get("THOX_LLAMA_SERVER_ARGS", ""))],
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -286,9 +299,9 @@ class LlamaServer(SDKEngine):
 class Thox(SDKEngine):
     name = "thox"
 
-    def __init__(self, home: Path, threads: int, n_ctx: int, work: Path):
+    def __init__(self, home: Path, threads: int, n_ctx: int, work: Path, parallel: int = PARALLEL):
         self.server = thox_server(home, engine__n_threads=str(threads), engine__n_ctx=str(n_ctx),
-                                  api__queue_size="8")
+                                  engine__parallel=str(parallel), api__queue_size="8")
         self.pid = self.server.proc.pid
         super().__init__(self.server.base_url, self.server.key)
 
@@ -465,6 +478,144 @@ def bench_load(home: Path, threads: int, clients: int, queue: int, rounds: int, 
         s.stop()
 
 
+# -- concurrency: several streams at once, and a short request beside a long one ------------------------------------
+def stream_once(client, prompt: str, max_tokens: int, t0: float | None = None) -> dict[str, Any]:
+    """One greedy streamed chat completion; times from ``t0`` (default: now)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    it = client.chat.completions.create(model=MODEL, messages=messages(prompt), max_tokens=max_tokens, stream=True,
+                                        extra_body=EXTRA, **SAMPLING)
+    r = timed_stream(_Timed(it, t0))
+    r["end"] = time.perf_counter()
+    return r
+
+
+def bench_streams(engine: SDKEngine, n: int, rounds: int, max_tokens: int) -> dict[str, Any]:
+    """``n`` streams started together, each with its own prompt, ``rounds``
+    times: aggregate tokens/s (all tokens over the wall time of the round, best
+    round) and TTFT p50/p99 over every stream of every round."""
+    ttfts, aggs, tokens = [], [], []
+    with cf.ThreadPoolExecutor(n) as pool:
+        for r in range(rounds):
+            prompts = [PROMPTS[(r * n + i) % len(PROMPTS)] for i in range(n)]
+            t0 = time.perf_counter()
+            runs = list(pool.map(lambda p: stream_once(engine.client, p, max_tokens, t0), prompts))
+            wall = max(x["end"] for x in runs) - t0
+            n_tok = sum(x["tokens"] for x in runs)
+            aggs.append(n_tok / wall)
+            tokens.append(n_tok)
+            ttfts += [x["ttft"] for x in runs if x["ttft"] is not None]
+    return {"streams": n, "agg_tps": max(aggs), "agg_tps_rounds": aggs, "tokens": tokens,
+            "ttft_p50": pct(ttfts, 0.5), "ttft_p99": pct(ttfts, 0.99)}
+
+
+def bench_interactive(engine: SDKEngine, rounds: int) -> dict[str, Any]:
+    """A 16-token request alone, then while a 256-token stream runs (sent once
+    that stream has its first token): its latency as a multiple of the idle one."""
+    short = "Name three colours."
+    idle = min(time_request(engine, short, 16) for _ in range(rounds))
+    busy = []
+    with cf.ThreadPoolExecutor(1) as pool:
+        for i in range(rounds):
+            first = threading.Event()
+            long = pool.submit(_long_stream, engine, PROMPTS[1 + i % (len(PROMPTS) - 1)], first)
+            first.wait(300)
+            busy.append(time_request(engine, short, 16))
+            long.result()
+    b = statistics.median(busy)
+    return {"idle_s": idle, "busy_s": b, "busy_runs": busy, "slowdown": b / idle if idle else None}
+
+
+def time_request(engine: SDKEngine, prompt: str, max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    r = stream_once(engine.client, prompt, max_tokens, t0)
+    return r["end"] - t0
+
+
+def _long_stream(engine: SDKEngine, prompt: str, first: threading.Event) -> None:
+    it = engine.client.chat.completions.create(model=MODEL, messages=messages(prompt), max_tokens=256,
+                                               stream=True, extra_body=EXTRA, **SAMPLING)
+    for ch in it:
+        if ch.choices and ch.choices[0].delta.content:
+            first.set()
+    first.set()
+
+
+def bench_concurrency(model: Path, home: Path, threads: int, rounds: int, max_tokens: int, n_ctx: int,
+                      work: Path) -> dict[str, Any]:
+    """thox (engine.parallel PARALLEL), llama-server (-np PARALLEL, each slot
+    n_ctx) and llama-cpp-python's server (one sequence), one at a time."""
+    makers = {"thox": lambda: Thox(home, threads, n_ctx, work, PARALLEL),
+              "llama-server": lambda: LlamaServer(model, threads, n_ctx, work, PARALLEL),
+              "llama-cpp": lambda: LlamaCppServer(model, threads, n_ctx, work)}
+    out: dict[str, Any] = {"threads": threads, "parallel": PARALLEL, "max_tokens": max_tokens, "rounds": rounds,
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    for name, make in makers.items():
+        t0, pids = time.time(), []
+        try:
+            e = make()
+        except Exception as ex:
+            out[name] = {"error": f"{type(ex).__name__}: {ex}"}
+            continue
+        try:
+            pids = [e.pid]
+            busy0, own0 = cpu_seconds(pids)
+            stream_once(e.client, PROMPTS[0], 8)            # warm-up
+            levels = {n: bench_streams(e, n, rounds, max_tokens) for n in STREAMS}
+            inter = bench_interactive(e, rounds)
+            wall = time.time() - t0
+            busy1, own1 = cpu_seconds(pids)
+            others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+            out[name] = {"levels": levels, "interactive": inter, "peak_rss": vm(e.pid, "VmHWM"),
+                         "wall_s": wall, "other_cpu_share": others}
+        except Exception as ex:
+            out[name] = {"error": f"{type(ex).__name__}: {ex}"}
+        finally:
+            e.close()
+    ok = {k: v for k, v in out.items() if isinstance(v, dict) and "levels" in v}
+    ratios = {}
+    if "thox" in ok:
+        t = ok["thox"]["levels"]
+        ratios["thox 4 streams / thox 1 stream"] = t[4]["agg_tps"] / t[1]["agg_tps"]
+        if "llama-server" in ok:
+            ratios["thox 4 streams / llama-server 4 streams"] = t[4]["agg_tps"] / ok["llama-server"]["levels"][4]["agg_tps"]
+            ratios["thox 1 stream / llama-server 1 stream"] = t[1]["agg_tps"] / ok["llama-server"]["levels"][1]["agg_tps"]
+    if "llama-server" in ok:
+        ls = ok["llama-server"]["levels"]
+        ratios["llama-server 4 streams / llama-server 1 stream"] = ls[4]["agg_tps"] / ls[1]["agg_tps"]
+    out["ratios"] = ratios
+    return out
+
+
+def report_concurrency(c: dict[str, Any]) -> list[str]:
+    out = [f"concurrency: greedy, {c['max_tokens']} tokens per stream, a different prompt each, {c['threads']} "
+           f"threads, best of {c['rounds']} rounds; thox engine.parallel={c['parallel']}, llama-server "
+           f"-np {c['parallel']}, llama-cpp one sequence; OMP_WAIT_POLICY={c.get('omp_wait_policy')} for all"]
+    hdr = f"{'server':<13}{'streams':>8}{'agg tok/s':>11}{'vs 1':>7}{'TTFT p50':>10}{'TTFT p99':>10}"
+    out += [hdr, "-" * len(hdr)]
+    for name in SERVERS:
+        r = c.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            out.append(f"{name:<13}  error: {r['error'][:100]}")
+            continue
+        one = r["levels"][1]["agg_tps"]
+        for n, lv in sorted(r["levels"].items()):
+            out.append(f"{name:<13}{n:>8}{fmt(lv['agg_tps']):>11}{fmt(lv['agg_tps'] / one, 'x', 2):>7}"
+                       f"{fmt(lv['ttft_p50'], 'ms'):>10}{fmt(lv['ttft_p99'], 'ms'):>10}")
+    for name in SERVERS:
+        r = c.get(name)
+        if r and "interactive" in r:
+            i = r["interactive"]
+            out.append(f"interactive ({name}): 16-token request {fmt(i['idle_s'], 'ms')} idle, "
+                       f"{fmt(i['busy_s'], 'ms')} beside a 256-token stream = {fmt(i['slowdown'], 'x', 2)}; "
+                       f"peak RSS {fmt(r['peak_rss'], 'MiB')}; other processes took {r['other_cpu_share']:.0%} "
+                       f"of the CPU")
+    for k, v in c.get("ratios", {}).items():
+        out.append(f"ratio {k:<46} {fmt(v, digits=2)}")
+    return out
+
+
 # -- report --------------------------------------------------------------------------------------------------------
 def fmt(v: Any, unit: str = "", digits: int = 1) -> str:
     if v is None:
@@ -480,7 +631,8 @@ def report(res: dict[str, Any]) -> str:
     out = []
     e = res["engines"]
     out.append(f"thox bench: {res['model']} ({res['model_file']}), greedy, {res['max_tokens']} tokens, "
-               f"streaming, best of {res['rounds']} rounds; {res['machine']}")
+               f"streaming, best of {res['rounds']} rounds; {res['machine']}, "
+               f"OMP_WAIT_POLICY={res.get('omp_wait_policy', 'default')}")
     hdr = f"{'engine':<13}{'threads':>8}{'decode tok/s':>14}{'e2e tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}" \
           f"{'peak RSS':>10}  tokens per round"
     out += [hdr, "-" * len(hdr)]
@@ -528,6 +680,9 @@ def report(res: dict[str, Any]) -> str:
                    f"{fmt(ld['rss_after'], 'MiB')} (peak {fmt(ld['peak_rss'], 'MiB')})")
     if ld and "error" in ld:
         out.append(f"load: error: {ld['error'][:200]}")
+    if res.get("concurrency"):
+        out.append("")
+        out += report_concurrency(res["concurrency"])
     return "\n".join(out)
 
 
@@ -549,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-clients", type=int, default=12)
     ap.add_argument("--load-queue", type=int, default=2)
     ap.add_argument("--load-rounds", type=int, default=3)
+    ap.add_argument("--concurrency-rounds", type=int, default=2)
+    ap.add_argument("--only-concurrency", action="store_true", help="just the concurrency table")
     ap.add_argument("--quick", action="store_true", help="1 round, 2 threads only, 32 tokens")
     ap.add_argument("--inprocess-worker", metavar="GGUF", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -559,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
         a.rounds, a.threads, a.max_tokens = 1, "2", 32
     threads = [int(x) for x in a.threads.split(",")]
     from thoxtest import run_thox
+    # every engine's llama.cpp threads wait at OpenMP barriers the way thox's do (thox.engine sets
+    # PASSIVE unless the environment says otherwise), so the engines differ only in their own work
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     t_start = time.time()
     work = Path(tempfile.mkdtemp(prefix="thox-bench-"))
@@ -572,10 +732,11 @@ def main(argv: list[str] | None = None) -> int:
             "model": MODEL, "model_file": model.name, "max_tokens": a.max_tokens, "rounds": a.rounds,
             "sampling": {**SAMPLING, **EXTRA}, "threads": threads, "prompts": [PROMPTS[1 + i % (len(PROMPTS) - 1)] for i in range(a.rounds)],
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
             "engines": {name: {} for name in ENGINES},
             "llama_server": str(llama_server_bin()),
         }
-        for t in threads:
+        for t in ([] if a.only_concurrency else threads):
             print(f"  [{time.time() - t_start:3.0f}s] speed, {t} thread(s): {', '.join(ENGINES)}; {a.rounds} rounds ...", flush=True)
             by_engine, phase = bench_speed(model, home, t, a.rounds, a.max_tokens, a.n_ctx, work)
             for name, r in by_engine.items():
@@ -601,19 +762,24 @@ def main(argv: list[str] | None = None) -> int:
                                    for o in ("llama-server", "llama-cpp") if o in best and "in-process" in best}
         tbest = best.get("thox", {}).get("threads", threads[-1])
         res["second_turn"] = {}
-        for name, make in (("thox", lambda: Thox(home, tbest, a.n_ctx, work)),
-                           ("llama-server", lambda: LlamaServer(model, tbest, a.n_ctx, work))):
+        for name, make in () if a.only_concurrency else (
+                ("thox", lambda: Thox(home, tbest, a.n_ctx, work)),
+                ("llama-server", lambda: LlamaServer(model, tbest, a.n_ctx, work))):
             print(f"  [{time.time() - t_start:3.0f}s] {name}, second turn with a shared 1,000+ token prompt ...", flush=True)
             try:
                 res["second_turn"][name] = bench_second_turn(make())
             except Exception as e:
                 res["second_turn"][name] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"  [{time.time() - t_start:3.0f}s] thox under load ...", flush=True)
-        try:
-            res["load"] = bench_load(home, tbest, a.load_clients, a.load_queue, a.load_rounds,
-                                     min(a.max_tokens, 48))
-        except Exception as e:
-            res["load"] = {"error": f"{type(e).__name__}: {e}"}
+        if not a.only_concurrency:
+            print(f"  [{time.time() - t_start:3.0f}s] thox under load ...", flush=True)
+            try:
+                res["load"] = bench_load(home, tbest, a.load_clients, a.load_queue, a.load_rounds,
+                                         min(a.max_tokens, 48))
+            except Exception as e:
+                res["load"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"  [{time.time() - t_start:3.0f}s] concurrency: {', '.join(SERVERS)} at {STREAMS} streams ...",
+              flush=True)
+        res["concurrency"] = bench_concurrency(model, home, tbest, a.concurrency_rounds, a.max_tokens, a.n_ctx, work)
         res["wall_s"] = time.time() - t_start
         text = report(res)
         print("\n" + text)
