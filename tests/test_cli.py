@@ -174,15 +174,15 @@ ROLES = ROOT / "ansible" / "roles"
 
 
 def firstboot_unit(home: Path | str = "/var/lib/thox") -> str:
-    """thox-firstboot.service as the thox_api role renders it (Jinja, the
-    roles' defaults), with THOX_HOME (``thox_home``) set to ``home``."""
+    """thox-firstboot.service as the thox_api role renders it from systemd/
+    (Jinja, the roles' defaults), with THOX_HOME (``thox_home``) set to ``home``."""
     import jinja2
     import yaml
-    variables: dict = {"ansible_managed": "Ansible managed"}
+    variables: dict = {"ansible_managed": "Ansible managed", "playbook_dir": str(ROOT / "ansible")}
     for role in ("thox", "thox_api"):
         variables.update(yaml.safe_load((ROLES / role / "defaults/main.yml").read_text()))
     variables["thox_home"] = str(home)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROLES / "thox_api/templates"),
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROOT / "systemd"),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True)
     for _ in range(3):   # defaults that refer to other defaults ("{{ thox_prefix }}/venv")
         variables = {k: env.from_string(v).render(variables) if isinstance(v, str) else v

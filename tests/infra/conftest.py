@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# the units the thox_api role installs, and their templates
-UNIT_TEMPLATES = {"thox-api.service": "thox_api/templates/thox-api.service.j2",
-                  "thox-firstboot.service": "thox_api/templates/thox-firstboot.service.j2"}
+# units site.yml installs on every box (thox_api and firewall roles), rendered
+# from their templates in systemd/
+UNITS = ["thox-api.service", "thox-firstboot.service", "thox-lan-sets.service"]
 
 
 def _enabled(config) -> bool:
@@ -40,17 +40,17 @@ def pytest_ignore_collect(collection_path, config):
 
 @pytest.fixture(scope="session")
 def rendered_units(tmp_path_factory) -> dict[str, str]:
-    """The units as the thox_api role renders them with the roles' defaults
+    """The units as the roles render them from systemd/ with the roles' defaults
     (what `site.yml` installs when no variable is overridden), rendered by
     this venv's ansible-playbook with tests/provision/render.yml."""
     out = tmp_path_factory.mktemp("units")
     playbook = Path(sys.executable).with_name("ansible-playbook")
     assert playbook.exists(), f"{playbook} missing: run the suite with the ansible venv (make provision-deps)"
-    extra = {"outdir": str(out), "items": [{"src": src, "dest": name} for name, src in UNIT_TEMPLATES.items()]}
+    extra = {"outdir": str(out), "items": [{"src": str(REPO / "systemd" / f"{name}.j2"), "dest": name} for name in UNITS]}
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible/ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": str(out / ".ansible-tmp"), "ANSIBLE_HOME": str(out / ".ansible-home")}
     p = subprocess.run([str(playbook), "-i", "localhost,", "-c", "local", str(REPO / "tests/provision/render.yml"),
                         "-e", json.dumps(extra)], capture_output=True, text=True, env=env, cwd=REPO / "ansible",
                        timeout=300)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
-    return {name: (out / name).read_text() for name in UNIT_TEMPLATES}
+    return {name: (out / name).read_text() for name in UNITS}

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (ABIN, ANSIBLE_DIR, ansible_env, need_ansible, need_root, need_tools,
-                       render, run)
+from .conftest import (ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_root,
+                       need_tools, render, run)
 
 pytestmark = pytest.mark.slow_infra
 PEER = str(Path(__file__).with_name("fw_peer.py"))
@@ -118,14 +118,15 @@ def test_ruleset_renders_the_lan_sets(ruleset):
     assert f'include "{ruleset.parent.parent}/links/*.nft"' in text
 
 
-def test_links_dir_is_one_fact():
-    """The role's links folder, the unit's RuntimeDirectory and the script's default agree."""
+def test_links_dir_is_one_fact(tmp_path):
+    """The role's links folder is the unit's --dir and RuntimeDirectory (the
+    unit rendered from systemd/ with the role's defaults) and the script's default."""
     defaults = (ANSIBLE_DIR / "roles/firewall/defaults/main.yml").read_text()
     d = re.search(r"^firewall_links_dir: (\S+)$", defaults, re.M).group(1)
-    unit = (ANSIBLE_DIR / "roles/firewall/files/thox-lan-sets.service").read_text()
+    unit = (render(tmp_path, [(str(SYSTEMD_DIR / "thox-lan-sets.service.j2"), "u")]) / "u").read_text()
     assert f"RuntimeDirectory={d.removeprefix('/run/')}" in unit and "RuntimeDirectoryPreserve=yes" in unit
     assert re.search(rf'^DEFAULT_DIR = "{re.escape(d)}"$', UPDATER.read_text(), re.M)
-    assert re.search(r"^ExecStart=/usr/local/sbin/thox-lan-sets --follow$", unit, re.M)
+    assert re.search(rf"^ExecStart=/usr/local/sbin/thox-lan-sets --follow --dir {re.escape(d)}$", unit, re.M)
     tasks = (ANSIBLE_DIR / "roles/firewall/tasks/main.yml").read_text()
     assert "dest: /usr/local/sbin/thox-lan-sets" in tasks
 

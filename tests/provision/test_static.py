@@ -11,29 +11,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ABIN, ANSIBLE_DIR, ansible_env, need_ansible, need_tools, render, run
+from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_tools, render, run
 
 pytestmark = pytest.mark.slow_infra
 ROLES = ANSIBLE_DIR / "roles"
-# every unit the roles install: templates rendered with the role variables, and plain files
-UNIT_TEMPLATES = {
-    "thox-api.service": "thox_api/templates/thox-api.service.j2",
-    "thox-firstboot.service": "thox_api/templates/thox-firstboot.service.j2",
-    "thox-jetson-clocks.service": "jetson/templates/thox-jetson-clocks.service.j2",
+# every unit the roles install, and the role that installs it; each is rendered
+# from systemd/<unit>.j2 with the roles' variables
+UNIT_ROLES = {
+    "thox-api.service": "thox_api",
+    "thox-firstboot.service": "thox_api",
+    "thox-jetson-clocks.service": "jetson",
+    "thox-lan-sets.service": "firewall",
 }
-UNIT_FILES = {"thox-lan-sets.service": "firewall/files/thox-lan-sets.service"}
-UNITS = [*UNIT_TEMPLATES, *UNIT_FILES]
+UNITS = list(UNIT_ROLES)
 # non-default knobs: the units must follow them
-KNOBS = {"thox_user": "svc", "thox_group": "svcgrp", "thox_home": "/srv/thox-state", "thox_prefix": "/usr/local/thox"}
+KNOBS = {"thox_user": "svc", "thox_group": "svcgrp", "thox_home": "/srv/thox-state", "thox_prefix": "/usr/local/thox",
+         "firewall_links_dir": "/run/thox-fw-links"}
 
 
 def render_units(tmp: Path, extra_vars: dict | None = None) -> dict[str, str]:
     """Each unit's text as the roles install it (the roles' defaults plus ``extra_vars``)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    out = render(tmp, [(src, name) for name, src in UNIT_TEMPLATES.items()], extra_vars)
-    units = {name: (out / name).read_text() for name in UNIT_TEMPLATES}
-    units.update({name: (ROLES / src).read_text() for name, src in UNIT_FILES.items()})
-    return units
+    out = render(tmp, [(str(SYSTEMD_DIR / f"{name}.j2"), name) for name in UNITS], extra_vars)
+    return {name: (out / name).read_text() for name in UNITS}
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +118,10 @@ def test_thox_api_unit_contract(units):
 
 
 def test_units_follow_the_role_variables(tmp_path):
-    """thox_user, thox_group, thox_home and thox_prefix are real knobs: the
-    rendered units use them (nothing of the defaults is left) and still verify;
-    a THOX_HOME outside /var/lib is made writable with ReadWritePaths."""
+    """thox_user, thox_group, thox_home, thox_prefix and firewall_links_dir are
+    real knobs: the rendered units use them (nothing of the defaults is left)
+    and still verify; a THOX_HOME outside /var/lib, or a links folder outside
+    /run, is made writable with ReadWritePaths."""
     need_tools("systemd-analyze")
     units = render_units(tmp_path / "knobs", KNOBS)
     for name in ("thox-api.service", "thox-firstboot.service"):
@@ -135,16 +136,79 @@ def test_units_follow_the_role_variables(tmp_path):
     root = _verify_root(tmp_path, units, prefix=KNOBS["thox_prefix"])
     p = _verify(root, UNITS)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
-    other = render_units(tmp_path / "varlib", {"thox_home": "/var/lib/thox-b"})["thox-api.service"]
-    assert re.search(r"^StateDirectory=thox-b$", other, re.M) and "ReadWritePaths" not in other
+    lan = units["thox-lan-sets.service"]
+    assert "thox-firewall" not in lan, lan
+    for line in ("ExecStart=/usr/local/sbin/thox-lan-sets --follow --dir /run/thox-fw-links",
+                 "RuntimeDirectory=thox-fw-links", "RuntimeDirectoryPreserve=yes"):
+        assert re.search(rf"^{re.escape(line)}$", lan, re.M), line
+    other = render_units(tmp_path / "varlib", {"thox_home": "/var/lib/thox-b", "firewall_links_dir": "/var/lib/thox-links"})
+    api = other["thox-api.service"]
+    assert re.search(r"^StateDirectory=thox-b$", api, re.M) and "ReadWritePaths" not in api
+    lan = other["thox-lan-sets.service"]
+    assert re.search(r"^ReadWritePaths=/var/lib/thox-links$", lan, re.M) and "RuntimeDirectory" not in lan
+    assert "--dir /var/lib/thox-links" in lan
+
+
+def _role_files():
+    return [p for p in ROLES.rglob("*") if p.is_file() and p.suffix in (".yml", ".j2")]
+
+
+def _tasks(role: Path) -> list[dict]:
+    return [t for f in sorted((role / "tasks").glob("*.yml")) for t in (yaml.safe_load(f.read_text()) or [])]
 
 
 def test_roles_stay_in_their_folders():
-    """No role reads files from outside its own folder."""
-    for p in ROLES.rglob("*"):
-        if p.is_file() and p.suffix in (".yml", ".j2"):
-            t = p.read_text()
-            assert not re.search(r"role_path\s*}}\s*/\.\.|playbook_dir\s*}}/\.\./systemd|\.\./systemd", t), p
+    """No role climbs out of its folder with ../ paths; the one way out is
+    thox_units_dir, defined once in the thox role's defaults."""
+    definition = re.compile(r"^thox_units_dir: .*$", re.M)
+    for p in _role_files():
+        t = p.read_text()
+        if p == ROLES / "thox/defaults/main.yml":
+            assert len(definition.findall(t)) == 1, p
+            t = definition.sub("", t)
+        assert not re.search(r"^\s*thox_units_dir:", t, re.M), f"{p} defines thox_units_dir again"
+        assert not re.search(r"role_path\s*}}\s*/\.\.|\.\./systemd", t), p
+
+
+def test_units_come_from_systemd_only():
+    """systemd/ holds a template for every unit the roles install, and only
+    those (plus the shared state-dir include); no role keeps a unit of its own;
+    each role installs its units with the template module from thox_units_dir,
+    which site.yml resolves to that folder."""
+    assert sorted(p.name for p in SYSTEMD_DIR.glob("*.service*")) == sorted(f"{u}.j2" for u in UNITS)
+    assert (SYSTEMD_DIR / "thox-state-dir.j2").is_file() and (SYSTEMD_DIR / "README.md").is_file()
+    for u in UNITS:
+        assert f"`{u}.j2`" in (SYSTEMD_DIR / "README.md").read_text(), u
+    strays = [p for p in ROLES.rglob("*") if p.is_file() and re.search(r"\.(service|socket|timer)(\.j2)?$", p.name)]
+    assert not strays, strays
+    installed: dict[str, str] = {}
+    for role in sorted(p for p in ROLES.iterdir() if p.is_dir()):
+        for task in _tasks(role):
+            for module in ("ansible.builtin.template", "ansible.builtin.copy", "template", "copy"):
+                args = task.get(module)
+                if isinstance(args, dict) and str(args.get("dest", "")).startswith("/etc/systemd/system/"):
+                    assert module.endswith("template"), (role.name, task["name"])
+                    src, dest = args["src"], args["dest"]
+                    assert src.startswith("{{ thox_units_dir }}/"), (role.name, src)
+                    names = [i for i in task.get("loop", [])] if "{{ item }}" in dest else [dest.rsplit("/", 1)[1]]
+                    for n in names:
+                        installed[n] = role.name
+    assert installed == UNIT_ROLES
+    defaults = yaml.safe_load((ROLES / "thox/defaults/main.yml").read_text())
+    where = Path(defaults["thox_units_dir"].replace("{{ playbook_dir }}", str(ANSIBLE_DIR)))
+    assert (ANSIBLE_DIR / "site.yml").is_file() and where.resolve() == SYSTEMD_DIR.resolve()
+
+
+def test_roles_run_the_cli_through_thox_api_cli():
+    """The command line that runs the CLI as the service user is written once
+    (thox_api's vars); the models role, which depends on thox_api, uses it."""
+    hits = [p for p in _role_files() if "runuser" in p.read_text()]
+    assert hits == [ROLES / "thox_api/vars/main.yml"], hits
+    assert {"role": "thox_api"} in yaml.safe_load((ROLES / "models/meta/main.yml").read_text())["dependencies"]
+    cli = [t for t in _tasks(ROLES / "models") if "ansible.builtin.command" in t]
+    assert len(cli) == 4
+    for t in cli:
+        assert str(t["ansible.builtin.command"]["argv"]).startswith("{{ thox_api_cli + ["), t["name"]
 
 
 def _defaults(role: Path) -> list[str]:
