@@ -1,11 +1,12 @@
 """What a provisioned Thox box must look like (pytest-testinfra).
 
 Contract: ansible/site.yml (roles base, mdns, firewall, ssh, thox_api, models)
-with the roles' defaults, and the units as the thox_api role renders them.
+with the roles' defaults, and the units as the roles render them from systemd/.
 THOX_API_PORT / THOX_WEB_PORT override the ports.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -68,11 +69,11 @@ def test_app_installed_in_venv(host):
     assert r.rc == 0, r.stderr
 
 
-@pytest.mark.parametrize("unit", ["thox-api.service", "thox-firstboot.service"])
+@pytest.mark.parametrize("unit", ["thox-api.service", "thox-firstboot.service", "thox-lan-sets.service"])
 def test_units_installed_as_the_role_renders_them(host, unit, rendered_units):
     f = host.file(f"/etc/systemd/system/{unit}")
     assert f.is_file and f.user == "root" and f.mode == 0o644
-    assert f.content_string == rendered_units[unit], f"{unit} differs from the thox_api role's rendering"
+    assert f.content_string == rendered_units[unit], f"{unit} differs from its rendering from systemd/"
     # what systemd runs is that file, with nothing layered on top
     p = host.run(f"systemctl show -p FragmentPath -p DropInPaths {unit}").stdout
     assert f"FragmentPath=/etc/systemd/system/{unit}" in p and re.search(r"^DropInPaths=$", p, re.M), p
@@ -80,15 +81,70 @@ def test_units_installed_as_the_role_renders_them(host, unit, rendered_units):
 
 @pytest.mark.parametrize("unit", [
     "thox-api.service", "thox-firstboot.service", "avahi-daemon.service", "nftables.service", "ssh.service",
-    "systemd-timesyncd.service",
+    "systemd-timesyncd.service", "thox-lan-sets.service",
 ])
 def test_unit_enabled(host, unit):
     assert host.service(unit).is_enabled
 
 
-@pytest.mark.parametrize("unit", ["thox-api.service", "avahi-daemon.service", "ssh.service"])
+@pytest.mark.parametrize("unit", ["thox-api.service", "avahi-daemon.service", "ssh.service", "thox-lan-sets.service"])
 def test_unit_running(host, unit):
     assert host.service(unit).is_running
+
+
+def _default_route_dev(host, family: str) -> str | None:
+    routes = json.loads(host.check_output(f"ip -j -{family} route show default") or "[]")
+    return next((r["dev"] for r in routes if r.get("dev")), None)
+
+
+def _link_prefixes(host, dev: str, version: int) -> list:
+    """The prefixes of ``dev``'s global addresses, as thox-lan-sets adds them
+    (at least /16 for IPv4, /48 for IPv6; single-address prefixes aside)."""
+    links = json.loads(host.check_output(f"ip -j addr show dev {dev}"))
+    nets = []
+    for a in (a for link in links for a in link.get("addr_info", [])):
+        if a.get("scope") != "global" or a.get("dadfailed"):
+            continue
+        net = ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
+        lo, hi = (16, 32) if net.version == 4 else (48, 128)
+        if net.version == version and lo <= net.prefixlen < hi:
+            nets.append(net)
+    return nets
+
+
+def _set_elements(host, name: str) -> list:
+    """The elements of the nft set ``name`` in table inet thox, as networks."""
+    with root(host):
+        out = host.check_output(f"nft -j list set inet thox {name}")
+    nets = []
+    for item in json.loads(out)["nftables"]:
+        for e in item.get("set", {}).get("elem", []):
+            if isinstance(e, dict) and "elem" in e:     # an element with a counter or comment
+                e = e["elem"]["val"]
+            if isinstance(e, dict) and "prefix" in e:
+                nets.append(ipaddress.ip_network(f"{e['prefix']['addr']}/{e['prefix']['len']}"))
+            elif isinstance(e, dict) and "range" in e:
+                lo, hi = (ipaddress.ip_address(x) for x in e["range"])
+                nets.extend(ipaddress.summarize_address_range(lo, hi))
+            elif isinstance(e, str):
+                nets.append(ipaddress.ip_network(e))
+    return nets
+
+
+def test_lan_sets_hold_the_default_route_links_prefix(host):
+    """thox-lan-sets.service has put the prefix of the box's own default-route
+    link into lan4_links (and into lan6_links where that link has a global IPv6
+    address), so the LAN the box sits on reaches it even outside the private ranges."""
+    dev4 = _default_route_dev(host, "4")
+    assert dev4, "the box has no IPv4 default route"
+    want = {4: _link_prefixes(host, dev4, 4)}
+    assert want[4], f"{dev4} has no global IPv4 address"
+    dev6 = _default_route_dev(host, "6") or dev4
+    want[6] = _link_prefixes(host, dev6, 6)
+    for version, name in ((4, "lan4_links"), (6, "lan6_links")):
+        have = _set_elements(host, name)
+        for net in want[version]:
+            assert any(net.subnet_of(h) for h in have if h.version == version), f"{net} not in {name}: {have}"
 
 
 def test_nftables_loaded(host):
