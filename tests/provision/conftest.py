@@ -1,33 +1,27 @@
 """Shared helpers for the provisioning tests (ansible, units, firewall, nspawn).
 
 These tests need root, iproute2, nftables, systemd-container, mmdebstrap and the
-ansible venv (`make provision-deps`). Where something is missing they skip
-locally and fail under CI (CI=true), so a CI run can never pass by skipping.
+ansible venv (`make provision-deps`). Where something is missing they fail
+(thoxtest.require: a skip only where THOX_ALLOW_SKIP=1 is set).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from thoxtest import require  # noqa: E402,F401
 ANSIBLE_DIR = REPO / "ansible"
 SYSTEMD_DIR = REPO / "systemd"
 AVENV = Path(os.environ.get("THOX_ANSIBLE_VENV", REPO / ".venv-ansible"))
 ABIN = AVENV / "bin"
 CACHE = Path(os.environ.get("THOX_CACHE", "/var/cache/thox-build"))
-
-
-def require(ok: bool, why: str) -> None:
-    """Skip (locally) or fail (CI) when a prerequisite is missing."""
-    if ok:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"prerequisite missing under CI: {why} (run `make provision-deps`)")
-    pytest.skip(why)
 
 
 def need_root() -> None:

@@ -10,9 +10,13 @@
 # usage: mkrootfs.sh            prints the tarball path (builds it if missing)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
 cache="${THOX_CACHE:-/var/cache/thox-build}"
 mkdir -p "$cache/rootfs" "$cache/logs"
-key="$(sha256sum "$0" | cut -c1-12)"
+# the Debian release: the pinned one (versions.env)
+suite="$(sed -n 's/^DEBIAN_SUITE=//p' "$repo/versions.env")"
+[ -n "$suite" ] || { echo "mkrootfs: no DEBIAN_SUITE in $repo/versions.env" >&2; exit 1; }
+key="$( { cat "$0"; echo "$suite"; } | sha256sum | cut -c1-12)"
 out="$cache/rootfs/debian12-thox-$key.tar"
 
 # booting, ssh and ansible's own needs: installed
@@ -32,7 +36,7 @@ if [ ! -s "$out" ]; then
     --customize-hook='rm -f "$1/etc/ssh/ssh_host_"*' \
     --customize-hook='chroot "$1" systemctl enable ssh.service' \
     --customize-hook='mkdir -p "$1/etc/systemd/system/ssh.service.d" && printf "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n" > "$1/etc/systemd/system/ssh.service.d/hostkeys.conf"' \
-    bookworm "$tmp" "$(python3 "$(dirname "$0")/../../image/aptmirror.py" bookworm)" > "$cache/logs/mkrootfs.log" 2>&1 \
+    "$suite" "$tmp" "$(python3 "$repo/image/aptmirror.py" "$suite")" > "$cache/logs/mkrootfs.log" 2>&1 \
     || { tail -30 "$cache/logs/mkrootfs.log" >&2; exit 1; }
   mv "$tmp" "$out"
   trap - EXIT

