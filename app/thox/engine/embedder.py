@@ -1,15 +1,17 @@
 """Embeddings on a context of their own, so they never wait behind generation.
 
 A second llama context on the model's weights (mmap'd, shared): one
-sequence, mean pooling, like the generation context without flash
-attention (so vectors match llama.cpp's own embeddings). An input is decoded in chunks of
+sequence, mean pooling, no flash attention (vectors match llama.cpp's own
+embeddings). An input to a causal model is decoded in chunks of
 ``EMBED_CHUNK`` tokens: llama.cpp pools each chunk, and with causal attention
 the length-weighted mean of the chunk means is the mean over the whole input,
 while the compute and output buffers stay sized for one chunk (a whole input
-in one micro-batch would also compute n_vocab logits for each of its
-tokens: gigabytes). It runs on its own thread; a cancelled request stops before
-its next input, and a decode in progress is aborted through llama.cpp's abort
-callback. Its memory is part of the model's estimate (manager.py).
+in one micro-batch would also compute n_vocab logits for each of its tokens:
+gigabytes). An encoder (non-causal attention) gets each input in one
+micro-batch, as llama.cpp requires. It runs on its own thread; a cancelled
+request stops before its next input, and a decode in progress is aborted
+through llama.cpp's abort callback. Its memory is part of the model's
+memory plan (model.plan_memory).
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import threading
 import numpy as np
 
 from ..errors import ModelBroken
-from .model import EMBED_CHUNK, Batch, LoadedModel, embed_ctx
+from .model import Batch, LoadedModel, embed_ctx
 
 
 class Embedder:
     def __init__(self, model: LoadedModel):
         self.model = model
         self.n_ctx = embed_ctx(model.n_ctx)
+        self.chunk = min(model.shape.embed_chunk, self.n_ctx)
         self._ctx = None
         self._batch = None
         self._lock = threading.Lock()
@@ -46,7 +49,7 @@ class Embedder:
             m = self.model
             p = llama_cpp.llama_context_default_params()
             p.n_ctx = self.n_ctx
-            p.n_batch = p.n_ubatch = EMBED_CHUNK
+            p.n_batch = p.n_ubatch = self.chunk
             p.n_seq_max = 1
             p.n_threads = m.n_threads
             p.n_threads_batch = m.n_threads_batch
@@ -59,7 +62,7 @@ class Embedder:
             except (ValueError, RuntimeError) as e:
                 raise ModelBroken(f"model '{m.id}' cannot make embeddings: {e}") from None
             llama_cpp.llama_set_abort_callback(self._ctx.ctx, self._abort_cb, ctypes.c_void_p(0))
-            self._batch = Batch(EMBED_CHUNK)
+            self._batch = Batch(self.chunk)
             self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         return self._ctx
 
@@ -78,10 +81,10 @@ class Embedder:
                         break
                     llama_cpp.llama_memory_clear(self._mem, True)
                     total = np.zeros(n_embd, dtype=np.float64)
-                    for at in range(0, len(toks), EMBED_CHUNK):
+                    for at in range(0, len(toks), self.chunk):
                         if cancel.is_set():
                             return out
-                        chunk = toks[at:at + EMBED_CHUNK]
+                        chunk = toks[at:at + self.chunk]
                         self._batch.clear()
                         for i, t in enumerate(chunk):
                             self._batch.add(t, at + i, 0, True)

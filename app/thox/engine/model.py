@@ -60,6 +60,13 @@ class Shape:
     n_head_kv: int
     n_embd: int
     n_vocab: int
+    causal: bool = True      # False for encoders (BERT-style embedding models)
+
+    @property
+    def embed_chunk(self) -> int:
+        """Tokens per embedding decode: a causal model's input is pooled chunk
+        by chunk; an encoder needs the whole input in one micro-batch."""
+        return EMBED_CHUNK if self.causal else EMBED_MAX_CTX
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -83,7 +90,7 @@ class Shape:
         if not (n_layer and n_head and n_embd and isinstance(n_vocab, int)):
             return None
         return cls(n_layer=n_layer, n_head=n_head, n_head_kv=get("attention.head_count_kv") or n_head,
-                   n_embd=n_embd, n_vocab=n_vocab)
+                   n_embd=n_embd, n_vocab=n_vocab, causal=meta.get(f"{arch}.attention.causal") is not False)
 
 
 @dataclass(frozen=True)
@@ -119,8 +126,9 @@ def plan_memory(file_size: int, shape: Shape | None, n_ctx: int, parallel: int) 
     compute = (max(shape.n_vocab * N_BATCH * 4, N_BATCH * n_ctx_pad * shape.n_head * 4) + N_BATCH * act
                + shape.n_vocab * 4 * parallel)
     n_embed = embed_ctx(n_ctx_pad)
-    embed = (kvt * n_embed + max(shape.n_vocab * EMBED_CHUNK * 4, EMBED_CHUNK * n_embed * shape.n_head * 4)
-             + shape.n_vocab * EMBED_CHUNK * 4 + EMBED_CHUNK * act)
+    chunk = min(shape.embed_chunk, n_embed)
+    embed = (kvt * n_embed + max(shape.n_vocab * chunk * 4, chunk * n_embed * shape.n_head * 4)
+             + shape.n_vocab * chunk * 4 + chunk * act)
     return MemoryPlan(weights, kvt * n_ctx_pad * parallel, compute, embed)
 
 
@@ -177,9 +185,12 @@ class LoadedModel:
         self._vocab = self._model.vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.n_ctx = int(n_ctx) or int(llama_cpp.llama_model_n_ctx_train(m))
+        meta = self._model.metadata()
+        arch = meta.get("general.architecture", "")
         self.shape = Shape(n_layer=int(llama_cpp.llama_model_n_layer(m)), n_head=int(llama_cpp.llama_model_n_head(m)),
                            n_head_kv=int(llama_cpp.llama_model_n_head_kv(m)),
-                           n_embd=int(llama_cpp.llama_model_n_embd(m)), n_vocab=self.n_vocab)
+                           n_embd=int(llama_cpp.llama_model_n_embd(m)), n_vocab=self.n_vocab,
+                           causal=meta.get(f"{arch}.attention.causal", "true") != "false")
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx * self.parallel
         cparams.n_batch = cparams.n_ubatch = N_BATCH
@@ -198,7 +209,7 @@ class LoadedModel:
         self.ctx = self._ctx.ctx
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.load_seconds = time.monotonic() - t0
-        self.metadata: dict[str, str] = dict(self._model.metadata())
+        self.metadata: dict[str, str] = dict(meta)
         self.fim_tokens = tuple(int(f(self._vocab)) for f in (llama_cpp.llama_vocab_fim_pre,
                                                                llama_cpp.llama_vocab_fim_suf,
                                                                llama_cpp.llama_vocab_fim_mid))
