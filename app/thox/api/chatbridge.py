@@ -98,7 +98,7 @@ def _forced_open(template: str | None, bos: str, eos: str) -> bool:
     return prompt.rstrip().endswith(THINK_OPEN)
 
 
-_forced_cache: dict[int, bool] = {}
+_forced_cache: dict[tuple[str, str], bool] = {}
 
 
 def think_splitter(service: Service, model_id: str) -> ThinkSplitter:
@@ -106,7 +106,7 @@ def think_splitter(service: Service, model_id: str) -> ThinkSplitter:
     forced = False
     if w is not None:
         m = w.model
-        key = id(m)
+        key = (m.id, str(m.path))
         if key not in _forced_cache:
             _forced_cache[key] = _forced_open(m.metadata.get("tokenizer.chat_template"), m.bos_token, m.eos_token)
         forced = _forced_cache[key]
