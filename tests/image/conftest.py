@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "image"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagetest import CACHE, COMPILED_WHEELS, BuiltImage, mounts_under, record_times  # noqa: E402
+from imagetest import CACHE, COMPILED_WHEELS, DEFAULT_CACHE, BuiltImage, mounts_under, record_times  # noqa: E402
 from thoxtest import require  # noqa: E402
 
 from imagecommon import pins  # noqa: E402
@@ -36,7 +36,9 @@ def built_image() -> BuiltImage:
     """`make image` with a cold cache: a new cache directory that holds only the two compiled
     llama-cpp-python wheels (hard links to the ones in THOX_CACHE), so the Debian base, the
     .debs, the wheelhouse, the demo model's wheel and every other input must be fetched by the
-    build itself. A stage that relies on a file no target fetches fails the build here."""
+    build itself. The build runs in a private mount namespace where that directory is mounted
+    over the default cache path: a file taken from a cache the build did not fill, even through
+    a hard-coded default path, is missing, and the build fails here."""
     require(os.geteuid() == 0, "building the image needs root (mmdebstrap --mode=root, chroot)")
     # the two compiled wheels: their targets compile them once (no-ops when cached)
     p = subprocess.run(["make", "--no-print-directory", "llama-wheel", "image-wheel", f"CACHE={CACHE}"],
@@ -60,9 +62,11 @@ def built_image() -> BuiltImage:
         seeded.append(str(dst.relative_to(cold)))
     out = cold / "out"
     log = cold / "make-image.log"
+    script = ('mount --bind "$1" "$2" && exec make --no-print-directory image CACHE="$2" IMAGE_OUT="$2/out"')
     t0 = time.monotonic()
     with open(log, "w") as f:
-        p = subprocess.run(["make", "--no-print-directory", "image", f"CACHE={cold}", f"IMAGE_OUT={out}"],
+        p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                            str(cold), str(DEFAULT_CACHE)],
                            cwd=REPO, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     seconds = round(time.monotonic() - t0, 1)
     try:

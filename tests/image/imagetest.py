@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("THOX_CACHE", "/var/cache/thox-build"))
+# the path the Makefile, the app and the roles use when no other cache is named
+DEFAULT_CACHE = Path("/var/cache/thox-build")
+CACHE = Path(os.environ.get("THOX_CACHE", DEFAULT_CACHE))
 # what a cold cache starts with: the two compiled llama-cpp-python wheels (a compile takes
 # 8-15 minutes each; everything else is downloaded by the build)
 COMPILED_WHEELS = ("host", "portable")
