@@ -154,13 +154,18 @@ def test_tool_parameter_blowup_is_400(hserver, schema, choice):
             code="schema_too_large", param="tools[1].function.parameters")
 
 
-def test_schema_within_limits_is_served(hserver):
+def test_repetition_limit_is_exact(hserver):
     r = hostile(hserver, "/chat/completions",
                 chat({"type": "string", "maxLength": 1000}, max_tokens=8, temperature=0), budget=30, status=200)
     content = r.json()["choices"][0]["message"]["content"]
     assert content.startswith('"'), content
-    tools = [_tool({"type": "object", "properties": {"v": {"type": "string", "maxLength": 300}}})]
-    hostile(hserver, "/chat/completions", chat(tools=tools, tool_choice="required"), budget=30, status=200)
+    hostile(hserver, "/chat/completions", chat({"type": "string", "maxLength": 1001}), budget=1.0,
+            code="schema_too_large", param="response_format.json_schema.schema")
+    within = {"type": "object", "properties": {"v": {"type": "string", "maxLength": 1000}}}
+    hostile(hserver, "/chat/completions", chat(tools=[_tool(within)], tool_choice="required"), budget=30, status=200)
+    over = {"type": "object", "properties": {"v": {"type": "array", "minItems": 1001, "items": {}}}}
+    hostile(hserver, "/chat/completions", chat(tools=[_tool(over)], tool_choice="required"), budget=1.0,
+            code="schema_too_large", param="tools[0].function.parameters")
 
 
 # -- chat templates ---------------------------------------------------------------------
