@@ -7,8 +7,9 @@ cache shares the longest prefix with its prompt (slots.py). Each step of the
 loop:
 
 1. drops requests whose client went away (their slot is free again);
-2. evaluates one chunk (up to ``N_BATCH`` tokens) of one waiting prompt, so a
-   long prompt never stalls the streams already running for long;
+2. evaluates chunks of the waiting prompts, shortest first, up to ``N_BATCH``
+   tokens in all, so a long prompt never stalls the running streams for long
+   and a short one is not stuck behind it;
 3. decodes one token for every generating slot in a single ``llama_decode``
    of a multi-sequence batch, then samples each slot with its own sampler
    chain (grammar, penalties, seed) and hands the text to its stream.
@@ -94,7 +95,6 @@ class ModelWorker:
         self._batch = Batch(max(N_BATCH, self.parallel))
         self.embedder = model.embedder = Embedder(model)
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"thox-{model.id}-embed")
-        self._aux_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"thox-{model.id}-aux")
         self._thread = threading.Thread(target=self._run, name=f"thox-{model.id}", daemon=True)
         self._thread.start()
 
@@ -155,10 +155,6 @@ class ModelWorker:
             self.embed_pending -= 1
             self.last_used = time.monotonic()
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on a helper thread of this model (never the decode loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self._aux_pool, fn, *args)
-
     async def close(self) -> None:
         self.closed = True
         with self._cond:
@@ -167,7 +163,6 @@ class ModelWorker:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._thread.join)
         self._embed_pool.shutdown(wait=True)
-        self._aux_pool.shutdown(wait=True)
         await loop.run_in_executor(None, self._close_model)
 
     def _close_model(self) -> None:
@@ -245,30 +240,38 @@ class ModelWorker:
             if a is not None and a.req.cancel.is_set():
                 self._finish(a, "cancelled")
         waiting = [s.active for s in self.slots if s.active is not None and s.active.feed is None]
-        if waiting:
-            self._prompt_chunk(min(waiting, key=lambda a: a.started))
+        budget = N_BATCH
+        for a in sorted(waiting, key=lambda a: (len(a.prompt) - a.done, a.started)):
+            if budget < 2:
+                break
+            budget -= self._prompt_chunk(a, budget)
         gen = [s.active for s in self.slots if s.active is not None and s.active.feed is not None]
         if gen:
             self._generate(gen)
 
-    def _prompt_chunk(self, a: _Active) -> None:
-        """Evaluate the next chunk of ``a``'s prompt (never its last token)."""
+    def _prompt_chunk(self, a: _Active, budget: int) -> int:
+        """Evaluate the next chunk (at most ``budget`` tokens) of ``a``'s prompt,
+        never its last token; returns the tokens evaluated."""
         end = len(a.prompt) - 1
-        n = min(N_BATCH, end - a.done)
-        if end - (a.done + n) == 1:
+        left = end - a.done
+        n = min(budget, left)
+        if left - n == 1:
             n -= 1           # never leave a single token for a chunk of its own
+        if n < 2 and left >= 2:
+            return 0         # no room for a chunk of two this step
         chunk = a.prompt[a.done:a.done + n]
         a.exact = a.exact and len(chunk) >= 2
         rc = self.model.decode_chunk(self._batch, chunk, a.done, a.slot.seq)
         if rc != 0:
             self._fail([a], RuntimeError(f"llama_decode failed ({rc}) while evaluating the prompt"))
-            return
+            return n
         a.slot.tokens.extend(chunk)
         a.done += n
         if a.exact:
             a.slot.n_exact = a.done
         if a.done == end:
             a.feed = a.prompt[-1]
+        return n
 
     def _generate(self, gen: list[_Active]) -> None:
         m, batch = self.model, self._batch
