@@ -320,3 +320,24 @@ def test_cancelled_embedding_request_stops_its_work(slots):
     took = time.monotonic() - t0
     assert r.status_code == 200
     assert took < max(5.0, 20 * idle), (took, idle)
+
+
+def test_shared_system_prompt_is_copied_between_slots(slots, small_queue):
+    """A second user with the same long system prompt gets a slot of its own
+    with that prefix copied from the first user's cache (cached_tokens), the
+    first user's conversation stays cached, and the answer is the one a server
+    with an empty cache gives."""
+    system = {"role": "system", "content": "You are the helpdesk of a bicycle repair shop. " * 12}
+    body = {"model": "thox-demo", "max_tokens": 12, "temperature": 0}
+    x = [system, {"role": "user", "content": "My bike squeaks. " * 60 + "What should I do?"}]
+    x1 = _chat(slots, {**body, "messages": x})
+    y = [system, {"role": "user", "content": "Do you sell bells?"}]
+    y1 = _chat(slots, {**body, "messages": y})
+    sys_tokens = _chat(slots, {**body, "max_tokens": 1, "messages": [system]})["usage"]["prompt_tokens"]
+    assert y1["usage"]["prompt_tokens_details"]["cached_tokens"] >= sys_tokens - 8, (y1["usage"], sys_tokens)
+    x += [x1["choices"][0]["message"], {"role": "user", "content": "And then?"}]
+    x2 = _chat(slots, {**body, "messages": x})
+    assert x2["usage"]["prompt_tokens_details"]["cached_tokens"] >= x1["usage"]["prompt_tokens"] - 2
+    fresh = _chat(small_queue, {**body, "messages": y})
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert y1["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]

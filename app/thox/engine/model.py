@@ -374,6 +374,11 @@ class LoadedModel:
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
         return bool(self._lc.llama_memory_seq_rm(self.mem, seq, p0, p1))
 
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Make sequence ``dst`` a copy of ``src`` (its whole KV stream: a
+        non-unified cache copies streams whole; done before the next decode)."""
+        self._lc.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
     def decode(self, batch: Batch) -> int:
         """llama_decode of ``batch``; 0 on success (see llama.h for the rest)."""
         b = batch.b

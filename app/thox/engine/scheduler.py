@@ -221,7 +221,13 @@ class ModelWorker:
             req.emit(_Failed(e))
             return
         idle = [s for s in self.slots if s.active is None]
-        slot, keep = choose_slot(idle, prompt)
+        choice = choose_slot(idle, prompt)
+        slot, keep = choice.slot, choice.keep
+        if choice.copy_from is not None:
+            src = choice.copy_from
+            self.model.seq_copy(src.seq, slot.seq)
+            slot.tokens[:] = src.tokens
+            slot.n_exact = src.n_exact
         if keep < len(slot.tokens):
             if not self.model.seq_rm(slot.seq, keep, -1):
                 self.model.seq_rm(slot.seq, 0, -1)

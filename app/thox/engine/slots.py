@@ -53,18 +53,34 @@ def keep_for(prompt_len: int, reusable: int) -> int:
     return max(keep, 0)
 
 
-def choose_slot(idle: list[Slot], prompt: Sequence[int]) -> tuple[Slot, int]:
+COPY_MIN = 64      # a prefix at least this much longer than the chosen slot's is copied from another slot
+
+
+@dataclass
+class Choice:
+    slot: Slot
+    keep: int                       # cached tokens the request keeps (after the copy, if any)
+    copy_from: Slot | None = None   # copy this idle slot's cache first (its longer prefix)
+
+
+def choose_slot(idle: list[Slot], prompt: Sequence[int]) -> Choice:
     """The idle slot for ``prompt`` and how many of its cached tokens to keep.
 
     The slot with the longest reusable prefix wins when the request keeps at
     least half of that slot's reusable cache (a continued conversation, a
     repeated fill-in-the-middle prefix); otherwise the least recently used
-    slot is taken (an empty one first), so two users who share only a short
-    system prompt do not evict each other's conversations."""
+    slot is taken (an empty one first), so two users who share only a system
+    prompt do not evict each other's conversations. Then, when the best slot
+    shares at least ``COPY_MIN`` more tokens than the one taken, its cache is
+    copied over (llama_memory_seq_cp) instead of evaluating that prefix again."""
     now = time.monotonic()
     scored = [(s.reusable(prompt), s) for s in idle]
     n, best = max(scored, key=lambda x: (x[0], now - x[1].last_used, -x[1].seq))
     if n > 0 and 2 * n >= best.n_exact:
-        return best, keep_for(len(prompt), n)
+        return Choice(best, keep_for(len(prompt), n))
     lru = min(idle, key=lambda s: (s.last_used, s.seq))
-    return lru, keep_for(len(prompt), lru.reusable(prompt))
+    keep = keep_for(len(prompt), lru.reusable(prompt))
+    via = keep_for(len(prompt), n)
+    if best is not lru and via - keep >= COPY_MIN:
+        return Choice(lru, via, copy_from=best)
+    return Choice(lru, keep)
