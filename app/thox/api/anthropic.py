@@ -15,14 +15,16 @@ import secrets
 from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
-from quart import Quart, Response, current_app, jsonify, request
+from quart import Quart, Response, jsonify, request
 
 from ..errors import InvalidRequest
 from ..engine.types import GenerationJob
 from . import chatbridge
 from . import translate as tr
+from .body import json_body
 from .chatbridge import ChatResult, Event
 from .schemas import Base, ChatCompletionRequest, Probability, Temperature, TokenCount
+from .state import app_state
 
 PREFIX = "/v1/messages"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
@@ -304,20 +306,14 @@ def anthropic_error(resp: Response, body: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- routes -------------------------------------------------------------------------------------
-def _service():
-    return current_app.extensions["thox"]["service"]
-
-
 async def count_prompt(req: ChatCompletionRequest) -> int:
     """Prompt tokens of ``req`` as the model would see them (no generation)."""
-    w = await _service().manager.get(req.model)
+    w = await app_state().service.manager.get(req.model)
     job: GenerationJob = await asyncio.to_thread(tr.chat_job, req, w.model)
     return len(job.prompt_tokens)
 
 
 def register(app: Quart) -> None:
-    from .app import json_body
-
     @app.post(PREFIX)
     async def create_message():
         req = MessagesRequest.model_validate(await json_body())
@@ -325,11 +321,11 @@ def register(app: Quart) -> None:
         mid = _id("msg")
         if req.stream:
             input_tokens = await count_prompt(chat)
-            source = await chatbridge.open_stream(_service(), chat)
+            source = await chatbridge.open_stream(app_state().service, chat)
             resp = Response(stream_events(mid, req.model, source, input_tokens), headers=SSE_HEADERS)
             resp.timeout = None
             return resp
-        return jsonify(message(mid, req.model, await chatbridge.complete(_service(), chat)))
+        return jsonify(message(mid, req.model, await chatbridge.complete(app_state().service, chat)))
 
     @app.post(PREFIX + "/count_tokens")
     async def count_tokens():

@@ -19,13 +19,15 @@ import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Union
 
-from quart import Quart, Response, current_app, jsonify, request
+from quart import Quart, Response, jsonify, request
 
 from ..errors import InvalidRequest
 from ..store.store import Manifest
 from . import chatbridge, modelinfo
+from .body import json_body
 from .chatbridge import ChatResult, Event
 from .schemas import Base, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .state import app_state
 
 PREFIX = "/api/"
 # the Ollama API level these routes follow (clients check it before use)
@@ -66,22 +68,14 @@ class EmbedBody(OllamaRequest):
     dimensions: int | None = None
 
 
-def _manager():
-    return current_app.extensions["thox"]["manager"]
-
-
-def _service():
-    return current_app.extensions["thox"]["service"]
-
-
 def resolve(name: str | None) -> str:
     """The installed model ``name`` names; Ollama clients may add ``:latest``."""
     if not name:
         raise InvalidRequest("model is required", param="model")
-    store = _manager().store
+    store = app_state().manager.store
     if not store.has(name) and name.endswith(":latest") and store.has(name.removesuffix(":latest")):
         return name.removesuffix(":latest")
-    _manager().manifest(name)     # raises the not-found error
+    app_state().manager.manifest(name)     # raises the not-found error
     return name
 
 
@@ -239,19 +233,17 @@ def _stream(source: AsyncIterator[Event], model: str, t0: float, chat: bool) -> 
 
 # -- routes ---------------------------------------------------------------------------------------
 def register(app: Quart) -> None:
-    from .app import json_body
-
     @app.get("/api/version")
     async def ollama_version():
         return jsonify({"version": OLLAMA_VERSION})
 
     @app.get("/api/tags")
     async def ollama_tags():
-        return jsonify({"models": [_listing(m) for m in _manager().store.list()]})
+        return jsonify({"models": [_listing(m) for m in app_state().manager.store.list()]})
 
     @app.get("/api/ps")
     async def ollama_ps():
-        manager = _manager()
+        manager = app_state().manager
         loaded = []
         for mid, w in list(manager.workers.items()):
             m = manager.manifest(mid)
@@ -262,7 +254,7 @@ def register(app: Quart) -> None:
     @app.post("/api/show")
     async def ollama_show():
         body = OllamaRequest.model_validate(await json_body())
-        manager = _manager()
+        manager = app_state().manager
         m = manager.manifest(body.model_id())
         n_ctx = modelinfo.context_length(manager, m)
         return jsonify({
@@ -278,12 +270,12 @@ def register(app: Quart) -> None:
         body = ChatBody.model_validate(await json_body())
         req = chat_request(body)
         if not body.messages:           # Ollama loads the model and answers at once
-            await _manager().get(req.model)
+            await app_state().manager.get(req.model)
             return jsonify({"model": req.model, "created_at": _iso(time.time()),
                             "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
         if body.stream is not False:
-            return _stream(await chatbridge.open_stream(_service(), req), req.model, t0, chat=True)
-        res = await chatbridge.complete(_service(), req)
+            return _stream(await chatbridge.open_stream(app_state().service, req), req.model, t0, chat=True)
+        res = await chatbridge.complete(app_state().service, req)
         msg: dict[str, Any] = {"role": "assistant", "content": res.text}
         if res.reasoning:
             msg["thinking"] = res.reasoning
@@ -300,7 +292,7 @@ def register(app: Quart) -> None:
         if body.images:
             raise InvalidRequest("images are not supported by this model", param="images")
         if not body.prompt and body.suffix is None:
-            await _manager().get(model)
+            await app_state().manager.get(model)
             return jsonify({"model": model, "created_at": _iso(time.time()), "response": "", "done": True,
                             "done_reason": "load"})
         fmt = _format(body.format)
@@ -313,8 +305,8 @@ def register(app: Quart) -> None:
                                                          **({"suffix": body.suffix} if body.suffix is not None
                                                             else {}), **fields})
             if body.stream is not False:
-                return _stream(await chatbridge.open_text_stream(_service(), req), model, t0, chat=False)
-            res = await chatbridge.complete_text(_service(), req)
+                return _stream(await chatbridge.open_text_stream(app_state().service, req), model, t0, chat=False)
+            res = await chatbridge.complete_text(app_state().service, req)
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
                 [{"role": "user", "content": body.prompt}]
@@ -323,8 +315,8 @@ def register(app: Quart) -> None:
                 chat["response_format"] = fmt
             req = ChatCompletionRequest.model_validate(chat)
             if body.stream is not False:
-                return _stream(await chatbridge.open_stream(_service(), req), model, t0, chat=False)
-            res = await chatbridge.complete(_service(), req)
+                return _stream(await chatbridge.open_stream(app_state().service, req), model, t0, chat=False)
+            res = await chatbridge.complete(app_state().service, req)
         out: dict[str, Any] = {"model": model, "created_at": _iso(time.time()), "response": res.text, "done": True}
         if res.reasoning:
             out["thinking"] = res.reasoning
@@ -334,7 +326,7 @@ def register(app: Quart) -> None:
         t0 = time.monotonic()
         req = EmbeddingRequest.model_validate({"model": body.model_id(), "input": inputs,
                                                **({"dimensions": body.dimensions} if body.dimensions else {})})
-        return await _service().embeddings(req), t0
+        return await app_state().service.embeddings(req), t0
 
     @app.post("/api/embed")
     async def ollama_embed():

@@ -11,21 +11,21 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections import OrderedDict
 from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
-from quart import Quart, Response, current_app, jsonify
+from quart import Quart, Response, jsonify
 
 from ..errors import InvalidRequest, NotFound
 from . import chatbridge
+from .body import json_body
 from .chatbridge import ChatResult, Event
+from .response_store import ResponseStore
 from .schemas import Base, ChatCompletionRequest, FunctionDef, Probability, Temperature, TokenCount
+from .state import app_state
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
-STORE_MAX_ITEMS = 1000
-STORE_MAX_BYTES = 64 << 20
 
 
 # -- request --------------------------------------------------------------------------
@@ -150,41 +150,6 @@ def assistant_message(res: ChatResult) -> dict[str, Any]:
     if res.tool_calls:
         msg["tool_calls"] = res.tool_calls
     return msg
-
-
-# -- the store ----------------------------------------------------------------------------
-class ResponseStore:
-    """Stored responses and the conversation each ends, least recently used
-    evicted first once there are more than ``max_items`` or their JSON passes
-    ``max_bytes``."""
-
-    def __init__(self, max_items: int = STORE_MAX_ITEMS, max_bytes: int = STORE_MAX_BYTES):
-        self.max_items, self.max_bytes = max_items, max_bytes
-        self._items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
-        self.bytes = 0
-
-    def put(self, response: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        size = len(json.dumps(response)) + len(json.dumps(history))
-        self.delete(response["id"])
-        self._items[response["id"]] = (response, history, size)
-        self.bytes += size
-        while self._items and (len(self._items) > self.max_items or self.bytes > self.max_bytes):
-            _, (_, _, n) = self._items.popitem(last=False)
-            self.bytes -= n
-
-    def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        if rid not in self._items:
-            raise NotFound(f"Response with id '{rid}' not found.", param="response_id")
-        self._items.move_to_end(rid)
-        response, history, _ = self._items[rid]
-        return response, history
-
-    def delete(self, rid: str) -> bool:
-        item = self._items.pop(rid, None)
-        if item is None:
-            return False
-        self.bytes -= item[2]
-        return True
 
 
 # -- building the response ------------------------------------------------------------------
@@ -397,36 +362,25 @@ class Turn:
 
 
 # -- routes ------------------------------------------------------------------------------------
-def _service():
-    return current_app.extensions["thox"]["service"]
-
-
-def _store() -> ResponseStore:
-    return current_app.extensions["thox_responses"]
-
-
 def register(app: Quart) -> None:
-    from .app import json_body
-    app.extensions["thox_responses"] = ResponseStore()
-
     @app.post("/v1/responses")
     async def create_response():
         req = ResponsesRequest.model_validate(await json_body())
-        turn = Turn(req, _store())
+        turn = Turn(req, app_state().responses)
         if req.stream:
-            source = await chatbridge.open_stream(_service(), turn.chat)
+            source = await chatbridge.open_stream(app_state().service, turn.chat)
             resp = Response(turn.events(source), headers=SSE_HEADERS)
             resp.timeout = None
             return resp
-        res = await chatbridge.complete(_service(), turn.chat)
+        res = await chatbridge.complete(app_state().service, turn.chat)
         return jsonify(turn.finish(turn.output_of(res), res))
 
     @app.get("/v1/responses/<rid>")
     async def get_response(rid: str):
-        return jsonify(_store().get(rid)[0])
+        return jsonify(app_state().responses.get(rid)[0])
 
     @app.delete("/v1/responses/<rid>")
     async def delete_response(rid: str):
-        if not _store().delete(rid):
+        if not app_state().responses.delete(rid):
             raise NotFound(f"Response with id '{rid}' not found.", param="response_id")
         return jsonify({"id": rid, "object": "response", "deleted": True})

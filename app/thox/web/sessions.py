@@ -19,6 +19,7 @@ from typing import Any
 
 from quart import current_app, g, request
 
+from ..api.state import app_state
 from ..config import Config
 from . import admin
 from .security import LoginLimiter, new_csrf_token
@@ -108,13 +109,8 @@ def web_state() -> WebState:
     return current_app.extensions["thox_web"]
 
 
-def app_context() -> dict[str, Any]:
-    """The API app's shared objects (config, manager, store, version, started)."""
-    return current_app.extensions["thox"]
-
-
 def config() -> Config:
-    return app_context()["config"]
+    return app_state().config
 
 
 def client_ip() -> str:

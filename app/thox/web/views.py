@@ -14,7 +14,8 @@ from ..store.partial import pull_status
 from ..ui import format_bytes, format_duration, format_rate
 from . import admin
 from .security import parse_host
-from .sessions import app_context, config, current_session
+from ..api.state import app_state
+from .sessions import config, current_session
 
 log = logging.getLogger("thox.web")
 
@@ -43,14 +44,14 @@ def api_base_url() -> str:
 def status_data() -> dict[str, Any]:
     """What ``/`` and ``/status.json`` show: models with their state, pulls
     with progress (without their URLs), version, uptime and queue length."""
-    c = app_context()
+    state = app_state()
     try:
-        models = c["manager"].status()
+        models = state.manager.status()
     except Exception:  # noqa: BLE001 - the page must render even if the engine is unhappy
         log.exception("web: model status failed")
         models = []
     try:
-        pulls = pull_status(c["store"])
+        pulls = pull_status(state.store)
     except Exception:  # noqa: BLE001
         log.exception("web: pull status failed")
         pulls = []
@@ -66,11 +67,10 @@ def status_data() -> dict[str, Any]:
         p["eta_text"] = "" if p.get("eta") is None else format_duration(p["eta"])
         p["state"] = "downloading" if p.get("active") else "interrupted (run the pull again to resume)"
         p.pop("url", None)    # mirror URLs may carry tokens; the page does not need them
-    started = c.get("started") or time.time()
     return {
         "status": "ok",
-        "version": c["version"],
-        "uptime": int(time.time() - started),
+        "version": state.version,
+        "uptime": int(time.time() - state.started),
         "models": models,
         "loaded": [m["id"] for m in models if m.get("loaded")],
         "queue": sum(int(m.get("queue") or 0) for m in models),
@@ -134,7 +134,7 @@ async def page(template: str, status: int = 200, **kw: Any) -> Response:
     if s:
         s.flash.clear()
     html = await render_template(f"thox_web/{template}", session=s, messages=messages,
-                                 version=app_context()["version"],
+                                 version=app_state().version,
                                  password_file=str(admin.password_file(config())), **kw)
     return Response(html, status=status, content_type="text/html; charset=utf-8")
 
