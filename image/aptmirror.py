@@ -1,14 +1,12 @@
-#!/usr/bin/env python3
 """The Debian mirror this build host's apt already uses, so image and test
 root filesystems come from the same (reachable) archive without naming a
-host in the code. `python3 image/aptmirror.py [SUITE]` prints the URI for SUITE
+host in the code. `python3 -m image mirror [SUITE]` prints the URI for SUITE
 (default: the pinned DEBIAN_SUITE of versions.env; e.g. bookworm-security too);
 THOX_DEBIAN_MIRROR / THOX_DEBIAN_SECURITY_MIRROR override."""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 APT = Path("/etc/apt")
@@ -54,9 +52,13 @@ def mirror_for(suite: str, apt: Path = APT) -> str:
     raise SystemExit(f"no apt source for '{suite}' on this host: set {env} to a Debian mirror URL")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        print(mirror_for(sys.argv[1]))
-    else:
-        from imagecommon import pins
-        print(mirror_for(pins.DEBIAN_SUITE))
+def image_mirrors(suite: str) -> tuple[str, str]:
+    """(main, security) mirrors for an image of ``suite``; "" where this host has none
+    (the bootstrap stage says what to set then)."""
+    def one(s: str) -> str:
+        try:
+            return mirror_for(s)
+        except SystemExit:
+            return ""
+    main = one(suite)
+    return main, one(f"{suite}-security") or main

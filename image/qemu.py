@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Boot the amd64 image in QEMU (TCG, UEFI/OVMF) and talk to it.
 
-    python3 image/qemu.py run  [--image build/thox-amd64.img] [--api-port 8080] [--ssh-port 2222]
-    python3 image/qemu.py demo [...]   boot, wait for /health, print base URL + API key, run until Ctrl-C
+    python3 -m image run  [--image build/thox-amd64.img] [--api-port 8080] [--ssh-port 2222]
+    python3 -m image demo [...]   boot, wait for /health, print base URL + API key, run until Ctrl-C
 
 The built image is never written to: each boot runs on a qcow2 overlay (8 GiB, so the
 first-boot growroot has room to grow). The SSH key to trust is handed in at run time as
@@ -16,7 +15,7 @@ the command ends powers the VM off:
   - the parent make stopping: GNU make, on SIGHUP or SIGINT, waits for its children without
     passing the signal on; that is seen in its signal handlers (watch_parent) and treated as
     SIGTERM here; the parent exiting sends SIGTERM (PR_SET_PDEATHSIG);
-  - this script dying in any way: the kernel sends QEMU SIGTERM (setpriv --pdeathsig).
+  - this process dying in any way: the kernel sends QEMU SIGTERM (setpriv --pdeathsig).
 """
 from __future__ import annotations
 
@@ -29,14 +28,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagecommon import REPO, BuildError, log  # noqa: E402
+from .common import REPO, BuildError, log
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -285,9 +282,8 @@ class VM:
         return how
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["run", "demo"])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of `python -m image run` and `python -m image demo`."""
     ap.add_argument("--image", default=str(REPO / "build/thox-amd64.img"))
     ap.add_argument("--rundir", default=str(REPO / "build/run"))
     ap.add_argument("--api-port", type=int, default=int(os.environ.get("API_PORT", 8080)))
@@ -296,7 +292,11 @@ def main(argv=None) -> int:
     ap.add_argument("--mem", type=int, default=int(os.environ.get("QEMU_MEM", 2048)))
     ap.add_argument("--accel", default=os.environ.get("QEMU_ACCEL", "tcg"))
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for the API (demo)")
-    args = ap.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Boot the image: args.mode "run" (console on this terminal) or "demo" (wait for the API,
+    print how to reach it, run until stopped)."""
     install_stop_handlers()
     if not die_with_parent(signal.SIGTERM):
         log("the parent process is gone; not starting the VM")
@@ -350,6 +350,3 @@ def image_ssh_user(manifest: Path) -> str:
     except (OSError, ValueError):
         return "root"
 
-
-if __name__ == "__main__":
-    sys.exit(main())

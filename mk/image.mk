@@ -1,4 +1,4 @@
-# Image builder (issue 6): `make image`, `make run-image`, `make image-demo`, `make flash`.
+# The image builder (python3 -m image): `make image`, `make run-image`, `make image-demo`, `make flash`.
 # Included by the top-level Makefile (-include mk/*.mk). See image/README.md.
 
 TARGET        ?= amd64
@@ -25,22 +25,22 @@ image-deps: image-apt-deps provision-deps ## everything `make image` needs (apt 
 
 image-wheel: ## the portable (GGML_NATIVE=OFF) llama-cpp-python wheel for the image, cached in $(CACHE)/wheels/portable
 	@mkdir -p $(CACHE)/logs
-	@$(IMAGE_PY) -c 'import sys; sys.path.insert(0, "image"); import build, pathlib; print(build.stage_wheel(pathlib.Path("$(CACHE)/logs")))'
+	@$(IMAGE_PY) -m image wheel
 
 image: image-deps ## build the image: TARGET=amd64 (build/thox-amd64.img) or TARGET=jetson-orin (flash package)
-	ANSIBLE_PLAYBOOK=$(ANSIBLE_BIN)/ansible-playbook $(IMAGE_PY) image/build.py --target $(TARGET) --out $(IMAGE_OUT) $(IMAGE_ARGS)
+	ANSIBLE_PLAYBOOK=$(ANSIBLE_BIN)/ansible-playbook $(IMAGE_PY) -m image build --target $(TARGET) --out $(IMAGE_OUT) $(IMAGE_ARGS)
 
 # QEMU runs in its own session; whatever ends the command (Ctrl-C, SIGTERM, SIGHUP when the
-# terminal closes, make or qemu.py killed) powers the VM off (image/qemu.py)
+# terminal closes, make or `python3 -m image run` killed) powers the VM off (image/qemu.py)
 run-image: image-apt-deps ## boot build/thox-amd64.img in QEMU (TCG, UEFI); 127.0.0.1:8080->8080, :2222->22
 	@test -f $(IMAGE) || $(MAKE) image
-	$(IMAGE_PY) image/qemu.py run --image $(IMAGE) --rundir $(RUNDIR) --api-port $(API_PORT) --ssh-port $(SSH_PORT)
+	$(IMAGE_PY) -m image run --image $(IMAGE) --rundir $(RUNDIR) --api-port $(API_PORT) --ssh-port $(SSH_PORT)
 
 image-demo: image ## build the image with the demo model, boot it, print base URL + API key; Ctrl-C stops
-	$(IMAGE_PY) image/qemu.py demo --image $(IMAGE) --rundir $(RUNDIR) --api-port $(API_PORT) --ssh-port $(SSH_PORT)
+	$(IMAGE_PY) -m image demo --image $(IMAGE) --rundir $(RUNDIR) --api-port $(API_PORT) --ssh-port $(SSH_PORT)
 
 flash: ## Jetson: flash the package made by `make image TARGET=jetson-orin` (board in recovery mode, USB)
-	$(IMAGE_PY) image/jetson.py flash --out $(IMAGE_OUT) $(IMAGE_ARGS)
+	$(IMAGE_PY) -m image flash --out $(IMAGE_OUT) $(IMAGE_ARGS)
 
 test-image-unit: venv ## image builder unit tests (Jetson composition, pins, secret scan; seconds)
 	$(PY) -m pytest tests/image -m "not image" $(PYTEST_ARGS)

@@ -15,15 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from imagetest import CACHE, COMPILED_WHEELS, BuiltImage, mounts_under, record_times
+from thoxtest import require
+
+from image.common import DEFAULT_CACHE, pins
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "image"))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagetest import CACHE, COMPILED_WHEELS, DEFAULT_CACHE, BuiltImage, mounts_under, record_times  # noqa: E402
-from thoxtest import require  # noqa: E402
-
-from imagecommon import pins  # noqa: E402
 
 
 @pytest.fixture

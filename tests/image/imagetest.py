@@ -4,14 +4,13 @@ would be ambiguous.)"""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from image.common import cache_dir
+
 REPO = Path(__file__).resolve().parents[2]
-# the path the Makefile, the app and the roles use when no other cache is named
-DEFAULT_CACHE = Path("/var/cache/thox-build")
-CACHE = Path(os.environ.get("THOX_CACHE", DEFAULT_CACHE))
+CACHE = cache_dir()
 # what a cold cache starts with: the two compiled llama-cpp-python wheels (a compile takes
 # 8-15 minutes each; everything else is downloaded by the build)
 COMPILED_WHEELS = ("host", "portable")

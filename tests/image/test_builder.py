@@ -1,17 +1,18 @@
 """Unit tests of the amd64 image builder's parts (no image is built here: seconds)."""
+import ast
 import json
 import os
-import shutil
-import subprocess
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-import build
-import imagecommon as common
-import qemu
-from imagecommon import pins, statefiles
-from thoxtest import require
+from image import bootstrap, common, manifest, provision, qemu, scan
+from image.__main__ import main
+from image.common import REPO, pins, statefiles
+from image.context import Context
+from image.disk import ESP_PARTUUID, ROOT_PARTUUID
+from image.targets import amd64
 
 KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "\n".join(["b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW"] * 4)
        + "\n-----END OPENSSH PRIVATE KEY-----\n").encode()
@@ -46,7 +47,7 @@ def _tree(tmp_path):
 
 def test_scan_finds_secrets_and_per_device_data(tmp_path):
     root = _tree(tmp_path)
-    problems = build.scan_rootfs(root)
+    problems = scan.scan_rootfs(root)
     assert "etc/machine-id: secret or per-device file" in problems
     assert "etc/ssh/ssh_host_ed25519_key: secret or per-device file" in problems
     assert "var/lib/thox/api_key: secret or per-device file" in problems
@@ -67,57 +68,51 @@ def _every_secret_file(root: Path) -> list[str]:
     return names
 
 
-def test_builder_removes_and_scans_with_the_apps_secret_list(tmp_path, monkeypatch):
+def test_builder_removes_and_scans_with_the_apps_secret_list(tmp_path):
     """The builder has no list of its own: every file the app's list names is reported by the
     scan and gone after finalize (etc/machine-id stays, empty: systemd's first-boot marker)."""
     root = _tree(tmp_path)
     (root / "root/notes.txt").unlink()
     names = _every_secret_file(root)
-    problems = build.scan_rootfs(root)
+    problems = scan.scan_rootfs(root)
     for rel in names:
         assert f"{rel}: secret or per-device file" in problems, rel
-    monkeypatch.setattr(build, "run", lambda cmd, **kw: None)
-    build.finalize_rootfs(root, "amd64")
-    assert build.scan_rootfs(root) == []
+    scan.clean_rootfs(root)
+    assert scan.scan_rootfs(root) == []
     left = [rel for rel in names if (root / rel).exists() and rel != "etc/machine-id"]
     assert left == []
     assert (root / "etc/machine-id").read_text() == ""
 
 
-def test_finalize_leaves_a_clean_tree(tmp_path, monkeypatch):
+def test_finalize_leaves_a_clean_tree_and_changes_nothing_else(tmp_path):
+    """Finalize removes what a build leaves and records the package lists; every other change
+    to the tree (host name, units, fstab, network) is the roles' (the image role)."""
     root = _tree(tmp_path)
-    calls = []
-    monkeypatch.setattr(build, "run", lambda cmd, **kw: calls.append(cmd))
     (root / "root/notes.txt").unlink()
-    build.finalize_rootfs(root, "amd64")
-    assert build.scan_rootfs(root) == []
+    ctx = Context(target="amd64", arch="amd64", out=tmp_path / "out", root=root, cache=tmp_path / "cache")
+    amd64.finalize(ctx)
+    assert scan.scan_rootfs(root) == []
     assert (root / "etc/machine-id").read_text() == ""
-    assert (root / "etc/hostname").read_text() == "thox\n"
-    assert "127.0.1.1\tthox" in (root / "etc/hosts").read_text()
-    assert f"PARTUUID={build.ROOT_PARTUUID}\t/\text4" in (root / "etc/fstab").read_text()
     assert (root / "var/log/dpkg.log").read_text() == ""
     assert not list((root / "var/lib/apt/lists").iterdir())
     lists = json.loads((root / "var/lib/thox-image/apt-lists.json").read_text())
     assert lists[0]["date"] == "Sat, 08 Nov 2025 09:20:41 UTC" and lists[0]["codename"] == "bookworm"
-    for unit in ("thox-ssh-hostkeys.service", "thox-ssh-import.service", "thox-growroot.service"):
-        assert (root / "etc/systemd/system" / unit).exists()
-        assert unit in calls[0]
-    assert calls[1][-2:] == ["mask", "systemd-firstboot.service"]
-    assert "THOX_SSH_USER=root" in (root / "etc/thox/image.conf").read_text()
+    for untouched in ("etc/hostname", "etc/hosts", "etc/fstab", "etc/systemd", "etc/thox", "etc/resolv.conf"):
+        assert not (root / untouched).exists(), untouched
 
 
 def test_raw_image_scan(tmp_path):
     img = tmp_path / "disk.img"
     img.write_bytes(b"\0" * 1000 + KEY + b"\0" * 1000)
-    assert len(build.scan_image(img)) == 1
-    assert build.scan_image(img, allowed={build.PRIVATE_KEY_RE.search(KEY).group(0)}) == []
+    assert len(scan.scan_image(img)) == 1
+    assert scan.scan_image(img, allowed={scan.PRIVATE_KEY_RE.search(KEY).group(0)}) == []
     # programs carry the bare armour line as a string: not a key
     img.write_bytes(b"\0-----BEGIN OPENSSH PRIVATE KEY-----\n\0ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/\0")
-    assert build.scan_image(img) == []
+    assert scan.scan_image(img) == []
 
 
 def test_mmdebstrap_command_caches_debs_and_records_list_dates(tmp_path):
-    cmd = build.mmdebstrap_cmd("amd64", tmp_path / "o.tar", tmp_path / "debs", ["systemd", "python3"])
+    cmd = bootstrap.mmdebstrap_cmd("amd64", tmp_path / "o.tar", tmp_path / "debs", ["systemd", "python3"])
     assert cmd[:3] == ["mmdebstrap", "--mode=root", "--variant=minbase"]
     assert "--include=systemd,python3" in cmd
     assert f"--setup-hook=sync-in {tmp_path / 'debs'} /var/cache/apt/archives/" in cmd
@@ -126,13 +121,24 @@ def test_mmdebstrap_command_caches_debs_and_records_list_dates(tmp_path):
     assert pins.DEBIAN_SUITE in cmd
 
 
+def _build_args(**kw) -> Namespace:
+    return Namespace(**{"out": "build", "ansible": True, "refresh": False, "extra_vars": "", "board": "orin-nano",
+                        "llama_wheel": None, **kw})
+
+
 def test_playbook_command_uses_chroot_connection_and_image_vars(tmp_path):
-    ev = build.image_extra_vars("amd64", Path("/w/llama.whl"), {"x": 1}, Path("/w/wh.tar"), Path("/w/demo.whl"))
-    assert ev == {"thox_image_build": True, "thox_target": "generic", "thox_api_llama_wheel": "/w/llama.whl",
-                  "thox_api_wheelhouse_tar": "/w/wh.tar", "models_demo_wheel": "/w/demo.whl", "x": 1}
-    cmd = build.ansible_cmd(tmp_path, "amd64", Path("site.yml"), tmp_path / "inv.json", ev, "ap")
-    assert cmd[:4] == ["ap", "-i", str(tmp_path / "inv.json"), "site.yml"]
-    inv = json.loads(build.ansible_inventory(tmp_path))
+    """The variables of the roles an amd64 build sets: an image build, the generic target, the
+    partitions its fstab mounts (the disk layout's), the inputs of earlier stages, the caller's."""
+    ctx = amd64.context(_build_args(extra_vars='{"x": 1}'))
+    ctx.llama_wheel, ctx.wheelhouse, ctx.demo_wheel = Path("/w/llama.whl"), Path("/w/wh.tar"), Path("/w/demo.whl")
+    assert ctx.ansible_vars() == {
+        "thox_image_build": True, "thox_target": "generic", "thox_api_llama_wheel": "/w/llama.whl",
+        "thox_api_wheelhouse_tar": "/w/wh.tar", "models_demo_wheel": "/w/demo.whl", "x": 1,
+        "image_root_partuuid": ROOT_PARTUUID, "image_esp_partuuid": ESP_PARTUUID}
+    cmd = provision.ansible_cmd(ctx, tmp_path / "inv.json", "ap")
+    assert cmd[:4] == ["ap", "-i", str(tmp_path / "inv.json"), str(REPO / "ansible/site.yml")]
+    assert json.loads(cmd[cmd.index("-e") + 1]) == ctx.ansible_vars()
+    inv = json.loads(provision.ansible_inventory(tmp_path))
     assert inv["all"]["children"]["thox"]["hosts"][str(tmp_path)]["ansible_connection"] == "community.general.chroot"
 
 
@@ -143,17 +149,17 @@ def test_manifest_parsers(tmp_path):
         "Package: b\nStatus: install ok installed\nVersion: 2\nArchitecture: amd64\n\n"
         "Package: a\nStatus: deinstall ok config-files\nVersion: 1\n\n"
         "Package: c\nStatus: install ok installed\nVersion: 1:3-1\nArchitecture: all\nDescription: x\n more\n")
-    assert build.dpkg_packages(root) == [{"name": "b", "version": "2", "arch": "amd64"},
+    assert manifest.dpkg_packages(root) == [{"name": "b", "version": "2", "arch": "amd64"},
                                          {"name": "c", "version": "1:3-1", "arch": "all"}]
     meta = root / "opt/thox/venv/lib/python3.11/site-packages/quart-0.20.0.dist-info/METADATA"
     meta.parent.mkdir(parents=True)
     meta.write_text("Metadata-Version: 2.1\nName: Quart\nVersion: 0.20.0\n\nbody\n")
-    assert build.python_packages(root) == [{"name": "Quart", "version": "0.20.0", "venv": "/opt/thox/venv"}]
+    assert manifest.python_packages(root) == [{"name": "Quart", "version": "0.20.0", "venv": "/opt/thox/venv"}]
     m = root / "var/lib/thox/models/thox-demo"
     m.mkdir(parents=True)
     (m / "model.gguf").write_bytes(b"GGUF")
     (m / "manifest.json").write_text("{}")
-    files = build.model_files(root)
+    files = manifest.model_files(root)
     assert files == [{"model": "thox-demo", "file": "model.gguf", "bytes": 4,
                       "sha256":
                       __import__("hashlib").sha256(b"GGUF").hexdigest()}]
@@ -172,24 +178,58 @@ def test_qemu_command_line(tmp_path):
 
 def test_failed_build_leaves_no_image(tmp_path, monkeypatch, capsys):
     """A failing stage: exit 1, the stage named, nothing under the final name."""
-    monkeypatch.setattr(build, "stage_bootstrap", lambda *a: (_ for _ in ()).throw(common.BuildError("mirror down")))
+    monkeypatch.setattr(bootstrap, "stage_bootstrap",
+                        lambda ctx: (_ for _ in ()).throw(common.BuildError("mirror down")))
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(build, "CACHE", tmp_path / "cache")      # its own lock, not a real build's
-    rc = build.main(["--no-ansible", "--out", str(tmp_path)])
+    monkeypatch.setenv("THOX_CACHE", str(tmp_path / "cache"))      # its own lock, not a real build's
+    rc = main(["build", "--no-ansible", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 1 and "FAILED in stage 'bootstrap'" in err and "mirror down" in err
     assert not (tmp_path / "thox-amd64.img").exists()
     assert not list(tmp_path.glob(".thox-amd64*"))
 
 
-def test_overlay_units_verify(repo, tmp_path):
-    require(shutil.which("systemd-analyze"), "systemd-analyze is not installed (make image-deps: systemd)")
-    units = sorted((repo / "image/overlay/etc/systemd/system").glob("*.service"))
-    assert units
-    p = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True)
-    # units referencing programs that exist only in the image are fine; syntax errors are not
-    bad = [l for l in p.stderr.splitlines() if "Unknown" in l or "Failed to parse" in l or "bad-setting" in l]
-    assert not bad, p.stderr
+def _imports(path: Path) -> set[str]:
+    """The modules of the image package that a module imports (relative or absolute)."""
+    pkg = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = pkg.rsplit(".", node.level - 1)[0] if node.level else ""
+            mod = ".".join(p for p in (base, node.module) if p)
+            for alias in node.names:
+                name = f"{mod}.{alias.name}"
+                found.add(name if (REPO / (name.replace(".", "/") + ".py")).exists() else mod)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m == "image" or m.startswith("image.")}
+
+
+def test_image_package_has_no_import_cycle_and_small_modules():
+    """`python3 -m image` is a package of small modules whose imports form no cycle; none
+    edits sys.path."""
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts): p for p in (REPO / "image").rglob("*.py")}
+    modules = {n.removesuffix(".__init__"): p for n, p in modules.items()}
+    graph = {name: _imports(p) - {name} for name, p in modules.items()}
+    for name, p in modules.items():
+        assert len(p.read_text().splitlines()) <= 450, name
+        assert "sys.path" not in p.read_text(), name
+    state: dict[str, str] = {}
+
+    def visit(n: str, stack: list[str]) -> None:
+        state[n] = "open"
+        for m in sorted(graph.get(n, ())):
+            assert state.get(m) != "open", f"import cycle: {' -> '.join(stack + [n, m])}"
+            if m not in state:
+                visit(m, stack + [n])
+        state[n] = "done"
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [])
+    assert "image.targets.jetson" in graph["image.__main__"] and graph["image.targets.amd64"] >= {
+        "image.bootstrap", "image.provision", "image.scan", "image.esp", "image.disk", "image.manifest"}
+    assert "image.targets.jetson" not in graph["image.targets.amd64"]
+    assert "image.targets.amd64" not in graph["image.targets.jetson"]
 
 
 def test_the_apps_llama_pin_is_the_pinned_version(repo):

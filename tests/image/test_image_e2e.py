@@ -19,9 +19,8 @@ import pytest
 from imagetest import record_times
 from thoxtest import free_port, require
 
-import build
-import qemu
-from imagecommon import pins
+from image import qemu, scan
+from image.common import pins
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(3600)]
 
@@ -107,7 +106,7 @@ def test_image_files_and_manifest(built_image):
     names = {p["name"] for p in m["debian_packages"]}
     assert {"systemd", "openssh-server", "linux-image-amd64", "nftables", "avahi-daemon"} <= names
     py = {p["name"].lower().replace("_", "-"): p["version"] for p in m["python_packages"]}
-    assert py.get("llama-cpp-python") == build.LLAMA_VERSION and "thox" in py
+    assert py.get("llama-cpp-python") == pins.LLAMA_CPP_PYTHON_VERSION and "thox" in py
     assert any(x["model"] == "thox-demo" and re.fullmatch(r"[0-9a-f]{64}", x["sha256"]) for x in m["models"])
     assert re.fullmatch(r"[0-9a-f]{40}", m["git"]["commit"])
     assert m["source_date_epoch"] > 0
@@ -116,9 +115,9 @@ def test_image_files_and_manifest(built_image):
 
 def test_nothing_secret_or_per_device_in_the_image(built_image, image):
     root = built_image.cache / "image" / "rootfs-amd64"        # the tree the image was packed from
-    assert build.scan_rootfs(root) == []
-    _, allowed = build.private_keys_in_tree(root)
-    assert build.scan_image(image, allowed) == []
+    assert scan.scan_rootfs(root) == []
+    _, allowed = scan.private_keys_in_tree(root)
+    assert scan.scan_image(image, allowed) == []
     # the raw image has no machine-id value and no API key file name with content
     assert (root / "etc/machine-id").read_text() == ""
 
@@ -172,7 +171,7 @@ def test_testinfra_suite_over_forwarded_ssh(vm, api_key):
     suite = REPO / "tests/infra"
     require(list(suite.glob("test_*.py")), "tests/infra has no testinfra suite")
     py = _testinfra_python()
-    if py is None:     # the provisioning engineer's venv (mk/provision.mk) carries pytest-testinfra
+    if py is None:     # the provisioning venv (.venv-ansible, mk/provision.mk) carries pytest-testinfra
         subprocess.run(["make", "--no-print-directory", "provision-deps"], cwd=REPO, capture_output=True)
         py = _testinfra_python()
     assert py, "pytest-testinfra is not installed (make provision-deps)"

@@ -1,19 +1,20 @@
 """Jetson flash package: pins, command composition and failure messages, with fixture
 tarballs standing in for NVIDIA's BSP and sample root fs (nothing is downloaded)."""
-import hashlib
 import io
 import json
 import os
 import re
 import subprocess
 import tarfile
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
-
-import imagecommon as common
-import jetson
 from thoxtest import require
+
+from image import common, provision
+from image.__main__ import main
+from image.targets import jetson
 
 FAKE_SCRIPT = """#!/bin/sh
 # fixture stand-in for NVIDIA's {name}: records how it was called
@@ -62,6 +63,7 @@ def fixtures(tmp_path, monkeypatch):
     pins_file.write_text(json.dumps(pins))
     monkeypatch.setattr(jetson, "PINS", pins_file)
     monkeypatch.setenv("THOX_JETSON_DL", str(dl))
+    monkeypatch.setenv("THOX_CACHE", str(tmp_path / "cache"))       # its own lock and logs
     monkeypatch.setenv("THOX_FAKE_LOG", str(tmp_path / "calls.log"))
     return {"dl": dl, "bsp": bsp, "sample": sample, "pins": pins, "pins_file": pins_file, "log": tmp_path / "calls.log"}
 
@@ -98,7 +100,7 @@ def test_fetch_sha256_mismatch_is_refused_and_moved_aside(fixtures):
 def test_fetch_without_pin_refuses(fixtures):
     pins = json.loads(json.dumps(fixtures["pins"]))
     pins["downloads"]["sample_rootfs"]["sha256"] = None
-    with pytest.raises(common.BuildError, match=r"no pinned sha256 for sample_rootfs .*jetson.py pin sample_rootfs"):
+    with pytest.raises(common.BuildError, match=r"no pinned sha256 for sample_rootfs .*-m image pin sample_rootfs"):
         jetson.fetch("sample_rootfs", pins, fixtures["dl"])
 
 
@@ -138,23 +140,34 @@ def test_flash_commands_per_board(tmp_path):
 
 
 def test_default_user_is_locked_and_named(tmp_path):
+    """The user gets the host name the roles wrote into the root fs (the mdns role's); without
+    one NVIDIA's helper is not given any."""
     plan = jetson.Plan(work=tmp_path, pins=jetson.load_pins())
+    (plan.rootfs / "etc").mkdir(parents=True)
+    (plan.rootfs / "etc/hostname").write_text("thox\n")
     mk, lock = jetson.default_user_cmds(plan, "pw")
     assert mk[:7] == ["./tools/l4t_create_default_user.sh", "-u", "thox-admin", "-p", "pw", "-n", "thox"]
     assert "--accept-license" in mk
     assert lock == ["chroot", str(plan.rootfs), "passwd", "-l", "thox-admin"]
+    (plan.rootfs / "etc/hostname").unlink()
+    assert "-n" not in jetson.default_user_cmds(plan, "pw")[0]
 
 
 def test_provision_runs_the_same_site_playbook_for_jetson(tmp_path):
-    import build
-    plan = jetson.Plan(work=tmp_path, pins=jetson.load_pins(), llama_wheel=Path("/w/llama.whl"))
-    cmd = jetson.provision_cmd(plan, tmp_path / "inv.json", "ansible-playbook")
+    ctx = jetson.context(Namespace(out=str(tmp_path), ansible=True, extra_vars="", board="agx-orin",
+                                   llama_wheel="/w/llama.whl"))
+    assert ctx.root == jetson.Plan(work=tmp_path / "jetson-orin").rootfs
+    cmd = provision.ansible_cmd(ctx, tmp_path / "inv.json", "ansible-playbook")
     assert cmd[:4] == ["ansible-playbook", "-i", str(tmp_path / "inv.json"), str(common.REPO / "ansible/site.yml")]
     ev = json.loads(cmd[cmd.index("-e") + 1])
     assert ev["thox_image_build"] is True and ev["thox_target"] == "jetson-orin"
+    assert ev["thox_jetson_board"] == "agx-orin"
     assert ev["thox_api_llama_wheel"] == "/w/llama.whl"
-    inv = json.loads(build.ansible_inventory(plan.rootfs))
-    host = inv["all"]["children"]["thox"]["hosts"][str(plan.rootfs)]
+    # the admin account NVIDIA's helper makes is the one the ssh and image roles serve
+    assert ev["ssh_user"] == jetson.ADMIN_USER
+    assert not {"image_root_partuuid", "image_esp_partuuid"} & set(ev), "NVIDIA's flash tools write the fstab"
+    inv = json.loads(provision.ansible_inventory(ctx.root))
+    host = inv["all"]["children"]["thox"]["hosts"][str(ctx.root)]
     assert host["ansible_connection"] == "community.general.chroot"
 
 
@@ -192,11 +205,9 @@ def test_pipeline_on_fixture_tarballs(fixtures, tmp_path, monkeypatch, capsys):
             return subprocess.CompletedProcess(cmd, 0)
         return real_run(cmd, **kw)
     monkeypatch.setattr(jetson, "run", fake_run)
-    import build
-    monkeypatch.setattr(build, "run", fake_run)
     monkeypatch.setattr(jetson, "check_binfmt", lambda: "fixture")
     out = tmp_path / "out"
-    rc = jetson.main(["build", "--out", str(out), "--board", "orin-nano", "--no-ansible"])
+    rc = main(["build", "--target", "jetson-orin", "--out", str(out), "--board", "orin-nano", "--no-ansible"])
     err = capsys.readouterr().err
     assert rc == 0, err
     for i, stage in enumerate(jetson.STAGES, 1):
@@ -209,7 +220,7 @@ def test_pipeline_on_fixture_tarballs(fixtures, tmp_path, monkeypatch, capsys):
     assert (rootfs / "etc/os-release").exists() and (rootfs / "etc/nv_tegra_release").exists()
     assert (rootfs / "etc/machine-id").read_text() == ""          # finalize: per-device ids removed
     assert not list((rootfs / "etc/ssh").glob("ssh_host_*"))
-    assert (rootfs / "etc/systemd/system/thox-ssh-hostkeys.service").exists()
+    assert not (rootfs / "etc/systemd/system/thox-ssh-hostkeys.service").exists(), "the image role's, not run"
     assert ["chroot", str(rootfs), "passwd", "-l", "thox-admin"] in recorded
     ready = json.loads((out / "jetson-orin/.package-ready").read_text())
     assert ready["bsp_sha256"] == fixtures["pins"]["downloads"]["bsp"]["sha256"]
@@ -220,7 +231,7 @@ def test_pipeline_failure_names_the_stage(fixtures, tmp_path, monkeypatch, capsy
     pins = json.loads(fixtures["pins_file"].read_text())
     pins["downloads"]["sample_rootfs"]["sha256"] = "f" * 64
     fixtures["pins_file"].write_text(json.dumps(pins))
-    rc = jetson.main(["build", "--out", str(tmp_path / "out"), "--no-ansible"])
+    rc = main(["build", "--target", "jetson-orin", "--out", str(tmp_path / "out"), "--no-ansible"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "image build FAILED in stage 'fetch'" in err and "sha256 mismatch" in err
@@ -229,7 +240,7 @@ def test_pipeline_failure_names_the_stage(fixtures, tmp_path, monkeypatch, capsy
 
 def test_flash_refuses_without_package(tmp_path, capsys):
     require(os.geteuid() == 0, "flashing needs root")
-    assert jetson.main(["flash", "--out", str(tmp_path)]) == 1
+    assert main(["flash", "--out", str(tmp_path)]) == 1
     assert "no flash package" in capsys.readouterr().err
 
 
@@ -240,7 +251,7 @@ def test_unpinned_input_stops_before_any_download(fixtures, tmp_path, monkeypatc
     pins["downloads"]["bsp"]["url"] = "http://127.0.0.1:9/never-fetched.tbz2"
     fixtures["pins_file"].write_text(json.dumps(pins))
     fixtures["bsp"].unlink()
-    rc = jetson.main(["build", "--out", str(tmp_path / "out"), "--no-ansible"])
+    rc = main(["build", "--target", "jetson-orin", "--out", str(tmp_path / "out"), "--no-ansible"])
     err = capsys.readouterr().err
     assert rc == 1 and "FAILED in stage 'fetch'" in err and "no pinned sha256 for sample_rootfs" in err
     assert "downloading" not in err

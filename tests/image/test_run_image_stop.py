@@ -1,6 +1,6 @@
 """Every way `make run-image` ends powers the VM off: SIGTERM to make (`kill`), SIGHUP to
 make alone, SIGHUP to the whole job (a terminal closing hangs up its process group), SIGKILL
-of make, SIGKILL of image/qemu.py. Each case: QEMU is gone and its forwarded ports are free
+of make, SIGKILL of `python3 -m image run`. Each case: QEMU is gone and its forwarded ports are free
 within STOP_BOUND_S, and make has ended.
 
 QEMU runs on the image built once per session (`built_image`, shared with the end-to-end
@@ -68,12 +68,12 @@ def _wait(cond, timeout: float) -> bool:
 
 
 CASES = {
-    "SIGTERM to make": lambda make, qemu_py: os.kill(make, signal.SIGTERM),
-    "SIGHUP to make": lambda make, qemu_py: os.kill(make, signal.SIGHUP),
-    "SIGHUP to the job (terminal closed)": lambda make, qemu_py: os.killpg(make, signal.SIGHUP),
-    "SIGINT to make": lambda make, qemu_py: os.kill(make, signal.SIGINT),
-    "SIGKILL to make": lambda make, qemu_py: os.kill(make, signal.SIGKILL),
-    "SIGKILL to qemu.py": lambda make, qemu_py: os.kill(qemu_py, signal.SIGKILL),
+    "SIGTERM to make": lambda make, runner: os.kill(make, signal.SIGTERM),
+    "SIGHUP to make": lambda make, runner: os.kill(make, signal.SIGHUP),
+    "SIGHUP to the job (terminal closed)": lambda make, runner: os.killpg(make, signal.SIGHUP),
+    "SIGINT to make": lambda make, runner: os.kill(make, signal.SIGINT),
+    "SIGKILL to make": lambda make, runner: os.kill(make, signal.SIGKILL),
+    "SIGKILL to python3 -m image run": lambda make, runner: os.kill(runner, signal.SIGKILL),
 }
 
 
@@ -92,10 +92,10 @@ def test_run_image_powers_off_when_stopped(built_image, tmp_path, how):
         assert _wait(lambda: _qemu_pids(rundir) and not _port_free(api_port) and not _port_free(ssh_port), 120), \
             f"QEMU did not start: {(tmp_path / 'make.log').read_text()[-3000:]}"
         qemu = _qemu_pids(rundir)
-        qemu_py = [p for p in _children(make.pid) if b"qemu.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert len(qemu) == 1 and len(qemu_py) == 1, (qemu, qemu_py)
+        runner = [p for p in _children(make.pid) if b"\0-m\0image\0run\0" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(qemu) == 1 and len(runner) == 1, (qemu, runner)
         t0 = time.monotonic()
-        CASES[how](make.pid, qemu_py[0])
+        CASES[how](make.pid, runner[0])
         gone = _wait(lambda: not _qemu_pids(rundir) and _port_free(api_port) and _port_free(ssh_port), STOP_BOUND_S)
         took = round(time.monotonic() - t0, 1)
         assert gone, f"{how}: QEMU still running or its ports held {STOP_BOUND_S}s later"

@@ -21,8 +21,8 @@ out="$cache/rootfs/debian12-thox-$key.tar"
 
 # booting, ssh and ansible's own needs: installed
 BOOT_PKGS="systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,iproute2,procps,iputils-ping,netcat-openbsd,ca-certificates"
-# what the roles install (base, mdns, firewall, ssh, thox_api): downloaded only
-ROLE_PKGS="acl curl jq less locales tzdata systemd-timesyncd python3-venv libgomp1 avahi-daemon avahi-utils libnss-mdns nftables openssh-server"
+# what the roles install (base, mdns, firewall, ssh, thox_api, image): downloaded only
+ROLE_PKGS="acl curl jq less locales tzdata systemd-timesyncd python3-venv libgomp1 avahi-daemon avahi-utils libnss-mdns nftables openssh-server cloud-guest-utils systemd-resolved"
 
 if [ ! -s "$out" ]; then
   tmp="$out.tmp.$$"
@@ -36,7 +36,7 @@ if [ ! -s "$out" ]; then
     --customize-hook='rm -f "$1/etc/ssh/ssh_host_"*' \
     --customize-hook='chroot "$1" systemctl enable ssh.service' \
     --customize-hook='mkdir -p "$1/etc/systemd/system/ssh.service.d" && printf "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n" > "$1/etc/systemd/system/ssh.service.d/hostkeys.conf"' \
-    "$suite" "$tmp" "$(python3 "$repo/image/aptmirror.py" "$suite")" > "$cache/logs/mkrootfs.log" 2>&1 \
+    "$suite" "$tmp" "$(cd "$repo" && python3 -m image mirror "$suite")" > "$cache/logs/mkrootfs.log" 2>&1 \
     || { tail -30 "$cache/logs/mkrootfs.log" >&2; exit 1; }
   mv "$tmp" "$out"
   trap - EXIT

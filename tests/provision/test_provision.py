@@ -110,10 +110,13 @@ def image_root(inputs):
 
 
 def test_image_build_in_chroot(inputs, image_root):
-    """The same roles at image-build time: nothing started, no secrets baked in."""
+    """The same roles at image-build time: nothing started, no secrets baked in; the image
+    role readies the tree for its first boot (units, network, fstab, no console prompt)."""
     hostname_before = os.uname().nodename
     t0 = time.monotonic()
-    p = _chroot_playbook(image_root, "site.yml", {**_common_vars(inputs), "thox_image_build": True},
+    parts = {"image_root_partuuid": "00000000-0000-4000-8000-000000000003",
+             "image_esp_partuuid": "00000000-0000-4000-8000-000000000002"}
+    p = _chroot_playbook(image_root, "site.yml", {**_common_vars(inputs), "thox_image_build": True, **parts},
                          LOGS / "provision-chroot.log")
     _metrics(image_build_chroot_s=round(time.monotonic() - t0, 1))
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
@@ -125,13 +128,22 @@ def test_image_build_in_chroot(inputs, image_root):
     assert (r / "var/lib/thox/models/thox-demo/manifest.json").is_file()
     assert not (r / "usr/sbin/policy-rc.d").exists()
     for unit in ("thox-api.service", "thox-firstboot.service", "nftables.service", "avahi-daemon.service",
-                 "ssh.service"):
+                 "ssh.service", "thox-growroot.service", "thox-ssh-hostkeys.service", "thox-ssh-import.service",
+                 "systemd-networkd.service", "systemd-resolved.service"):
         # the links point into the image (absolute targets): test the links, not their targets
         links = [d / unit for d in (r / "etc/systemd/system").glob("*.wants") if (d / unit).is_symlink()]
         assert links, f"{unit} not enabled in the image"
     assert (r / "etc/hostname").read_text().strip() == "thox"
     assert "table inet thox" in (r / "etc/nftables.conf").read_text()
     assert not (r / "root/.ssh/authorized_keys").exists(), "an ssh key was baked into the image"
+    assert os.readlink(r / "etc/systemd/system/systemd-firstboot.service") == "/dev/null"
+    assert "THOX_SSH_USER=root" in (r / "etc/thox/image.conf").read_text().splitlines()
+    fstab = (r / "etc/fstab").read_text()
+    assert f"PARTUUID={parts['image_root_partuuid']}\t/\text4" in fstab
+    assert f"PARTUUID={parts['image_esp_partuuid']}\t/boot/efi\tvfat" in fstab and (r / "boot/efi").is_dir()
+    assert "DHCP=yes" in (r / "etc/systemd/network/80-thox-wired.network").read_text()
+    assert os.access(r / "usr/local/sbin/thox-growroot", os.X_OK) and os.access(r / "usr/local/sbin/thox-ssh-import", os.X_OK)
+    assert os.readlink(r / "etc/resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
 
 
 def test_jetson_role_check_mode(inputs, image_root):
@@ -270,11 +282,9 @@ def test_provision_twice_then_testinfra(box, inputs):
     assert p.returncode == 0, p.stdout[-8000:]
 
 
-
-
 def test_sigkill_restarts_within_5s(box, inputs):
+    """SIGKILL the API process; systemd has it answering again within 5 s."""
     from faults import KILL_AND_WAIT
-    """Issue 7's fault: SIGKILL the API process; systemd has it answering again within 5 s."""
     if box.ssh("systemctl is-active thox-api.service", check=False).stdout.strip() != "active":
         _provision(box, inputs, LOGS / "provision-run-kill.log")
     results = []

@@ -22,6 +22,9 @@ UNIT_ROLES = {
     "thox-firstboot.service": "thox_api",
     "thox-jetson-clocks.service": "jetson",
     "thox-lan-sets.service": "firewall",
+    "thox-growroot.service": "image",
+    "thox-ssh-hostkeys.service": "image",
+    "thox-ssh-import.service": "image",
 }
 UNITS = list(UNIT_ROLES)
 # non-default knobs: the units must follow them
@@ -60,7 +63,8 @@ def _verify_root(tmp_path: Path, units: dict[str, str], prefix: str = "/opt/thox
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     for exe in (f"{prefix.strip('/')}/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel",
-                "usr/local/sbin/thox-lan-sets"):
+                "usr/local/sbin/thox-lan-sets", "usr/local/sbin/thox-growroot", "usr/local/sbin/thox-ssh-import",
+                "usr/bin/ssh-keygen"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")

@@ -1,4 +1,5 @@
-"""Shared helpers of the image builder: stages with progress, cache keys, commands.
+"""Shared helpers of the image builder: stages with progress, cache keys, commands,
+and the app's modules the builder reads (thox.pins, thox.statefiles).
 
 Only the Python standard library is used, so the builder runs with the host's
 python3 before any virtual environment exists.
@@ -15,7 +16,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("THOX_CACHE", "/var/cache/thox-build"))
+# the build cache when THOX_CACHE names no other (the Makefile, the app and the roles use it too)
+DEFAULT_CACHE = Path("/var/cache/thox-build")
+
+
+def cache_dir() -> Path:
+    """The build cache: $THOX_CACHE, else DEFAULT_CACHE (read when a build starts)."""
+    return Path(os.environ.get("THOX_CACHE", DEFAULT_CACHE))
 
 
 def app_module(name: str):
