@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from thox import pins
 from thoxtest import ROOT, THOX, require, run_thox
 
 PYTHON = os.path.join(os.path.dirname(THOX), "python")
@@ -134,7 +135,7 @@ def test_truncated_gguf_is_refused(tmp_path, models_dir):
 def test_demo_model(server):
     rows = json.loads(run_thox(server.home, "models", "list", "--json").stdout)
     demo = [r for r in rows if r["id"] == "thox-demo"][0]
-    assert demo["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert demo["sha256"] == pins.DEMO_GGUF_SHA256
     assert run_thox(server.home, "models", "demo").stdout.startswith("thox-demo installed")
 
 

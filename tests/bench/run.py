@@ -64,6 +64,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from thox import pins
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -254,7 +256,8 @@ class LlamaCppServer(SDKEngine):
         self.log.close()
 
 
-LLAMA_VERSION = "0.3.36"   # llama-cpp-python, whose sdist vendors the llama.cpp we build llama-server from
+# llama-cpp-python, whose sdist vendors the llama.cpp we build llama-server from (versions.env)
+LLAMA_VERSION = pins.LLAMA_CPP_PYTHON_VERSION
 
 
 def llama_server_bin() -> Path:

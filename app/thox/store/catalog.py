@@ -9,8 +9,9 @@ commit of it (``revision``, 40 hex digits), the file in it (``path``) and that
 file's ``sha256`` and ``size``; it is downloaded from
 ``{mirror}/{repo}/resolve/{revision}/{path}``, and before the download the
 host's LFS metadata for that commit (``metadata_url``) must declare the same
-sha256 (see ``thox.store.pull``). A ``pypi`` entry names a wheel and a member
-of it, with the member's sha256.
+sha256 (see ``thox.store.pull``). A ``pypi`` entry is the demo model's wheel
+pinned in ``versions.env``: its file, sha256 and size come from ``thox.pins``,
+never from catalog.json.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from .. import pins
 from ..config import DEFAULT_MIRROR
 from ..errors import StoreError
 from .store import validate_model_id
@@ -31,6 +33,8 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")       # fullmatch
 REVISION_RE = re.compile(r"[0-9a-f]{40}")     # fullmatch: a full git commit id
 REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: owner/name
 SOURCES = ("mirror", "pypi")
+# the fields of a pypi entry that thox.pins gives (the demo wheel of versions.env)
+PYPI_PINNED = ("path", "file", "sha256", "size", "upstream")
 KINDS = ("chat", "embedding")
 
 
@@ -137,6 +141,13 @@ def parse_entry(d: Any, where: str = "catalog entry") -> CatalogEntry:
     source = _require(d, "source", str, where)
     if source not in SOURCES:
         raise StoreError(f"{where}: source must be one of {', '.join(SOURCES)}", code="bad_catalog")
+    if source == "pypi":
+        given = [k for k in PYPI_PINNED if k in d]
+        if given:
+            raise StoreError(f"{where}: {', '.join(given)} of a pypi entry come from versions.env", code="bad_catalog")
+        d = {**d, "path": f"{pins.DEMO_REQUIREMENT}#{pins.DEMO_GGUF}", "file": PurePosixPath(pins.DEMO_GGUF).name,
+             "sha256": pins.DEMO_GGUF_SHA256, "size": pins.DEMO_GGUF_SIZE,
+             "upstream": f"PyPI package {pins.DEMO_REQUIREMENT}"}
     path = _require(d, "path", str, where)
     repo = revision = ""
     if source == "mirror":
