@@ -1,4 +1,4 @@
-# Fuzz, load and benchmark dependencies (issue 7, issue 3's `make bench`).
+# Fuzz, load and benchmark dependencies (`make test-fuzz`, `make test-load`, `make bench`).
 # Included by the top-level Makefile (-include mk/*.mk).
 #
 #   fuzz-deps   hypothesis + schemathesis into .venv (tests/test_fuzz.py;
@@ -34,7 +34,7 @@ $(VENV)/.bench-deps: mk/bench.mk | venv
 	@touch $@
 
 # the script checks its own stamp (source version + cmake flags): a no-op once built
-# (cmake and build-essential come from the lead's apt-deps; pip only to fetch the sdist once)
+# (cmake and build-essential come from apt-deps in the Makefile; pip only to fetch the sdist once)
 llama-server: | apt-deps-once ## build llama.cpp's C++ llama-server for the bench once (cached in /var/cache/thox-build)
 	@CACHE=$(CACHE) LLAMA_VERSION=$(LLAMA_CPP_PYTHON_VERSION) PIP="$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip" \
 	  tests/bench/build_llama_server.sh

@@ -1,4 +1,4 @@
-# Provisioning (issue 5): ansible roles, systemd units, the testinfra suite.
+# Provisioning: ansible roles, systemd units, the testinfra suite.
 #   make provision-deps                 apt packages + the ansible venv (.venv-ansible)
 #   make provision HOST=thox.local [USER=root] [KEY=~/.ssh/id_ed25519.pub]
 #   make verify HOST=thox.local [USER=root]

@@ -1,4 +1,4 @@
-# Web interface tests (issue 4): a real browser. Debian's chromium, driven by
+# Web interface tests: a real browser. Debian's chromium, driven by
 # the npm package playwright-core (no browser download). Included by the
 # top-level Makefile (-include mk/*.mk); `make test` should depend on web-deps.
 
