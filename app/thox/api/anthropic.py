@@ -9,26 +9,23 @@ change nothing.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
-from quart import Quart, Response, jsonify, request
+from quart import Quart, Response, request
 
 from ..errors import InvalidRequest
-from ..engine.types import GenerationJob
 from . import chatbridge
-from . import translate as tr
 from .body import json_body
 from .chatbridge import ChatResult, Event
+from .response_models import Reply, ToolCallOut
 from .schemas import Base, ChatCompletionRequest, Probability, Temperature, TokenCount
 from .state import app_state
+from .wire import reply, sse_event, stream_response
 
 PREFIX = "/v1/messages"
-SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
 # HTTP status → Anthropic error type
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
@@ -192,43 +189,92 @@ def chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
 
 
 # -- response --------------------------------------------------------------------------
+StopReason = Literal["end_turn", "max_tokens", "tool_use"]
+
+
+class ThinkingBlock(Reply):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""
+
+
+class TextBlock(Reply):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ToolUseBlock(Reply):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class AnthropicUsage(Reply):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class AnthropicMessage(Reply):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[Annotated[Union[ThinkingBlock, TextBlock, ToolUseBlock], Field(discriminator="type")]]
+    stop_reason: StopReason
+    stop_sequence: None = None
+    usage: AnthropicUsage
+
+
+class MessageTokensCount(Reply):
+    input_tokens: int
+
+
+class AnthropicErrorDetail(Reply):
+    type: str
+    message: str
+
+
+class AnthropicError(Reply):
+    """Every error on these routes, and the last event of a stream that failed."""
+    type: Literal["error"] = "error"
+    error: AnthropicErrorDetail
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
+def _tool_use(call: ToolCallOut) -> ToolUseBlock:
     try:
-        args = json.loads(call["function"]["arguments"] or "{}")
+        args = json.loads(call.function.arguments or "{}")
     except ValueError:
         args = {}
-    return {"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"), "name": call["function"]["name"],
-            "input": args if isinstance(args, dict) else {"value": args}}
+    return ToolUseBlock(id="toolu_" + call.id.removeprefix("call_"), name=call.function.name,
+                        input=args if isinstance(args, dict) else {"value": args})
 
 
-def _stop_reason(res: ChatResult) -> str:
+def _stop_reason(res: ChatResult) -> StopReason:
     if res.tool_calls:
         return "tool_use"
     return "max_tokens" if res.finish_reason == "length" else "end_turn"
 
 
-def _usage(res: ChatResult) -> dict[str, Any]:
-    return {"input_tokens": res.prompt_tokens, "output_tokens": res.completion_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-
-
-def message(mid: str, model: str, res: ChatResult) -> dict[str, Any]:
-    content: list[dict[str, Any]] = []
+def message(mid: str, model: str, res: ChatResult) -> AnthropicMessage:
+    content: list[Any] = []
     if res.reasoning:
-        content.append({"type": "thinking", "thinking": res.reasoning, "signature": ""})
+        content.append(ThinkingBlock(thinking=res.reasoning))
     if res.text or not res.tool_calls:
-        content.append({"type": "text", "text": res.text})
+        content.append(TextBlock(text=res.text))
     content.extend(_tool_use(c) for c in res.tool_calls)
-    return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": _stop_reason(res), "stop_sequence": None, "usage": _usage(res)}
+    return AnthropicMessage(id=mid, model=model, content=content, stop_reason=_stop_reason(res),
+                            usage=AnthropicUsage(input_tokens=res.prompt_tokens, output_tokens=res.completion_tokens))
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return sse_event(kind, {"type": kind, **data})
 
 
 async def stream_events(mid: str, model: str, source: AsyncIterator[Event], input_tokens: int) -> AsyncIterator[str]:
@@ -272,9 +318,9 @@ async def stream_events(mid: str, model: str, source: AsyncIterator[Event], inpu
             for call in e.tool_calls:
                 block = _tool_use(call)
                 index += 1
-                yield _event("content_block_start", {"index": index, "content_block": {**block, "input": {}}})
+                yield _event("content_block_start", {"index": index, "content_block": {**block.body(), "input": {}}})
                 yield _event("content_block_delta", {"index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
+                    "type": "input_json_delta", "partial_json": json.dumps(block.input, ensure_ascii=False)}})
                 yield _event("content_block_stop", {"index": index})
         elif e.kind == "finish":
             res = e.result
@@ -291,46 +337,39 @@ async def stream_events(mid: str, model: str, source: AsyncIterator[Event], inpu
             yield _event("message_stop", {})
             return
         elif e.kind == "error":
-            err = e.error or {}
-            kind = "rate_limit_error" if err.get("type") == "rate_limit_error" else "overloaded_error" \
-                if err.get("code") == "overloaded" else "api_error"
-            yield _event("error", {"error": {"type": kind, "message": err.get("message") or "generation failed"}})
+            err = e.error
+            kind = "api_error" if err is None else "rate_limit_error" if err.type == "rate_limit_error" \
+                else "overloaded_error" if err.code == "overloaded" else "api_error"
+            message_ = (err.message if err is not None else "") or "generation failed"
+            yield _event("error", {"error": {"type": kind, "message": message_}})
             return
 
 
 # -- errors in Anthropic's shape -------------------------------------------------------------
-def anthropic_error(resp: Response, body: dict[str, Any]) -> dict[str, Any]:
+def anthropic_error(resp: Response, body: dict[str, Any]) -> AnthropicError:
     err = body.get("error") or {}
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(resp.status_code, "api_error"),
-                                       "message": err.get("message") or ""}}
+    return AnthropicError(error=AnthropicErrorDetail(type=ERROR_TYPES.get(resp.status_code, "api_error"),
+                                                     message=err.get("message") or ""))
 
 
 # -- routes -------------------------------------------------------------------------------------
-async def count_prompt(req: ChatCompletionRequest) -> int:
-    """Prompt tokens of ``req`` as the model would see them (no generation)."""
-    w = await app_state().service.manager.get(req.model)
-    job: GenerationJob = await asyncio.to_thread(tr.chat_job, req, w.model)
-    return len(job.prompt_tokens)
-
-
 def register(app: Quart) -> None:
     @app.post(PREFIX)
     async def create_message():
         req = MessagesRequest.model_validate(await json_body())
         chat = chat_request(req)
         mid = _id("msg")
+        service = app_state().service
         if req.stream:
-            input_tokens = await count_prompt(chat)
-            source = await chatbridge.open_stream(app_state().service, chat)
-            resp = Response(stream_events(mid, req.model, source, input_tokens), headers=SSE_HEADERS)
-            resp.timeout = None
-            return resp
-        return jsonify(message(mid, req.model, await chatbridge.complete(app_state().service, chat)))
+            input_tokens = await service.count_prompt(chat)
+            source = await chatbridge.open_stream(service, chat)
+            return stream_response(stream_events(mid, req.model, source, input_tokens))
+        return reply(message(mid, req.model, await chatbridge.complete(service, chat)))
 
     @app.post(PREFIX + "/count_tokens")
     async def count_tokens():
         req = CountTokensRequest.model_validate(await json_body())
-        return jsonify({"input_tokens": await count_prompt(chat_request(req))})
+        return reply(MessageTokensCount(input_tokens=await app_state().service.count_prompt(chat_request(req))))
 
     @app.after_request
     async def _anthropic_errors(resp: Response) -> Response:
@@ -338,5 +377,5 @@ def register(app: Quart) -> None:
             return resp
         body = await resp.get_json(force=True, silent=True)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            resp.set_data(json.dumps(anthropic_error(resp, body), ensure_ascii=False))
+            resp.set_data(json.dumps(anthropic_error(resp, body).body(), ensure_ascii=False))
         return resp

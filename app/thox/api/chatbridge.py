@@ -1,18 +1,21 @@
 """The one road from the translation layers (Responses, Anthropic Messages,
 Ollama) to the engine: each builds a ChatCompletionRequest and runs it through
-``Service.chat``, then reads the result here as plain events. Reasoning text
-(``<think>…</think>``) is split off here too, for chat completions as well.
+``Service.chat``, then reads the result here as a ``ChatResult`` or as plain
+events. Reasoning text (``<think>…</think>``) is split off here too, for chat
+completions as well.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, Union
 
 from ..engine import chat_template
+from .response_models import (ChatCompletion, ChatCompletionChunk, ChatDelta, Completion, CompletionChunk,
+                              CompletionUsage, ErrorDetail, ErrorResponse, FinishReason, ToolCallOut)
 from .schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
-from .service import Service, sse
+from .service import ChatStream, CompletionStream, Service
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -87,7 +90,8 @@ class ThinkSplitter:
 
 def _forced_open(template: str | None, bos: str, eos: str) -> bool:
     """Whether the model's chat template opens ``<think>`` in the generation
-    prompt itself (the model's output then starts inside the reasoning)."""
+    prompt itself (the model's output then starts inside the reasoning).
+    Renders the template: CPU work for a preparation thread."""
     if not template or THINK_OPEN not in template:
         return False
     try:
@@ -101,16 +105,15 @@ def _forced_open(template: str | None, bos: str, eos: str) -> bool:
 _forced_cache: dict[tuple[str, str], bool] = {}
 
 
-def think_splitter(service: Service, model_id: str) -> ThinkSplitter:
-    w = service.manager.workers.get(model_id)
-    forced = False
-    if w is not None:
-        m = w.model
-        key = (m.id, str(m.path))
-        if key not in _forced_cache:
-            _forced_cache[key] = _forced_open(m.metadata.get("tokenizer.chat_template"), m.bos_token, m.eos_token)
-        forced = _forced_cache[key]
-    return ThinkSplitter(forced)
+async def forced_open(service: Service, model_id: str) -> bool:
+    """``_forced_open`` for the model (loaded here when it is not yet),
+    worked out once per model id and file, on the service's preparation threads."""
+    m = (await service.manager.get(model_id)).model
+    key = (m.id, str(m.path))
+    if key not in _forced_cache:
+        _forced_cache[key] = await service.prepare(
+            _forced_open, m.metadata.get("tokenizer.chat_template"), m.bos_token, m.eos_token)
+    return _forced_cache[key]
 
 
 def split_reasoning(text: str, splitter: ThinkSplitter) -> tuple[str, str]:
@@ -120,72 +123,62 @@ def split_reasoning(text: str, splitter: ThinkSplitter) -> tuple[str, str]:
 
 
 # -- chat completions with reasoning split off ----------------------------------------
-async def chat(service: Service, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+async def chat(service: Service, req: ChatCompletionRequest) -> ChatCompletion | ChatStream:
     """``Service.chat`` with ``<think>`` text moved to ``reasoning_content``
     (in the message, and in the stream deltas)."""
+    forced = await forced_open(service, req.model)
     result = await service.chat(req)
-    if isinstance(result, dict):
-        for choice in result["choices"]:
-            msg = choice["message"]
-            if isinstance(msg.get("content"), str):
-                reasoning, content = split_reasoning(msg["content"], think_splitter(service, req.model))
+    if isinstance(result, ChatCompletion):
+        for choice in result.choices:
+            msg = choice.message
+            if isinstance(msg.content, str):
+                reasoning, content = split_reasoning(msg.content, ThinkSplitter(forced))
                 if reasoning:
-                    msg["reasoning_content"] = reasoning
-                    msg["content"] = content if (content or not msg.get("tool_calls")) else None
+                    msg.reasoning_content = reasoning
+                    msg.content = content if (content or not msg.tool_calls) else None
         return result
-    return _split_stream(result, lambda: think_splitter(service, req.model))
+    return _split_stream(result, lambda: ThinkSplitter(forced))
 
 
-async def _split_stream(body: AsyncIterator[str], make) -> AsyncIterator[str]:
+async def _split_stream(body: ChatStream, make: Callable[[], ThinkSplitter]) -> ChatStream:
     splitters: dict[int, ThinkSplitter] = {}
     try:
         async for chunk in body:
-            obj = _parse_sse(chunk)
-            if not isinstance(obj, dict) or len(obj.get("choices") or []) != 1:
+            if not isinstance(chunk, ChatCompletionChunk) or len(chunk.choices) != 1:
                 yield chunk
                 continue
-            choice = obj["choices"][0]
-            sp = splitters.setdefault(choice.get("index", 0), make())
-            delta = choice.get("delta") or {}
-            if sp.passthrough and choice.get("finish_reason") is None:
+            choice = chunk.choices[0]
+            sp = splitters.setdefault(choice.index, make())
+            delta = choice.delta
+            if sp.passthrough and choice.finish_reason is None:
                 yield chunk
                 continue
-            if choice.get("finish_reason") is not None:
+            if choice.finish_reason is not None:
                 rest = _delta_of(sp.flush())
-                if rest:
-                    yield sse({**obj, "choices": [{**choice, "delta": rest, "finish_reason": None}]})
+                if rest.model_fields_set:
+                    yield chunk.model_copy(update={"choices": [
+                        choice.model_copy(update={"delta": rest, "finish_reason": None})]})
                 yield chunk
                 continue
-            content = delta.get("content")
-            if not isinstance(content, str) or (not content and "role" in delta):
+            content = delta.content
+            if content is None or (not content and "role" in delta.model_fields_set):
                 yield chunk
                 continue
-            new = {k: v for k, v in delta.items() if k != "content"}
-            new.update(_delta_of(sp.feed(content)))
-            if new or choice.get("logprobs"):
-                yield sse({**obj, "choices": [{**choice, "delta": new}]})
+            new = _delta_of(sp.feed(content), {k: getattr(delta, k) for k in delta.model_fields_set
+                                              if k != "content"})
+            if new.model_fields_set or choice.logprobs:
+                yield chunk.model_copy(update={"choices": [choice.model_copy(update={"delta": new})]})
     finally:
         await body.aclose()
 
 
-def _delta_of(parts: list[tuple[str, str]]) -> dict[str, str]:
-    d: dict[str, str] = {}
+def _delta_of(parts: list[tuple[str, str]], keep: dict[str, Any] | None = None) -> ChatDelta:
+    """A delta with ``keep``'s fields and the reasoning and content of ``parts``."""
+    d: dict[str, Any] = dict(keep or {})
     for kind, text in parts:
         key = "reasoning_content" if kind == "reasoning" else "content"
         d[key] = d.get(key, "") + text
-    return d
-
-
-def _parse_sse(chunk: str) -> Any:
-    if not chunk.startswith("data: "):
-        return None
-    data = chunk[len("data: "):].strip()
-    if data == "[DONE]":
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
+    return ChatDelta(**d)
 
 
 # -- results as plain data, for the translation layers ------------------------------------
@@ -193,39 +186,37 @@ def _parse_sse(chunk: str) -> Any:
 class ChatResult:
     text: str = ""
     reasoning: str = ""
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)   # OpenAI chat tool_calls
-    finish_reason: str = "stop"                                       # stop | length | tool_calls
+    tool_calls: list[ToolCallOut] = field(default_factory=list)
+    finish_reason: FinishReason = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+
+    def count(self, usage: CompletionUsage | None) -> None:
+        if usage is not None:
+            self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+            self.cached_tokens = usage.prompt_tokens_details.cached_tokens
 
 
 @dataclass
 class Event:
     kind: str            # text | reasoning | tool_calls | finish | error
     text: str = ""
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls: list[ToolCallOut] = field(default_factory=list)
     result: ChatResult | None = None       # on "finish": the totals
-    error: dict[str, Any] | None = None    # on "error": the OpenAI error object
-
-
-def _usage_into(res: ChatResult, usage: dict[str, Any] | None) -> None:
-    if usage:
-        res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        res.completion_tokens = int(usage.get("completion_tokens") or 0)
-        res.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    error: ErrorDetail | None = None       # on "error": the OpenAI error object
 
 
 async def complete(service: Service, req: ChatCompletionRequest) -> ChatResult:
     """Run ``req`` (not streamed) and return its first choice."""
     req.stream = False
     body = await chat(service, req)
-    assert isinstance(body, dict)
-    choice = body["choices"][0]
-    msg = choice["message"]
-    res = ChatResult(text=msg.get("content") or "", reasoning=msg.get("reasoning_content") or "",
-                     tool_calls=list(msg.get("tool_calls") or []), finish_reason=choice["finish_reason"])
-    _usage_into(res, body.get("usage"))
+    assert isinstance(body, ChatCompletion)
+    choice = body.choices[0]
+    msg = choice.message
+    res = ChatResult(text=msg.content or "", reasoning=msg.reasoning_content or "",
+                     tool_calls=list(msg.tool_calls or []), finish_reason=choice.finish_reason)
+    res.count(body.usage)
     return res
 
 
@@ -237,7 +228,7 @@ async def open_stream(service: Service, req: ChatCompletionRequest) -> AsyncIter
     req.stream_options = StreamOptions(include_usage=True)
     req.n = 1
     body = await chat(service, req)
-    assert not isinstance(body, dict)
+    assert not isinstance(body, ChatCompletion)
     return _events(body)
 
 
@@ -246,47 +237,49 @@ async def open_text_stream(service: Service, req: CompletionRequest) -> AsyncIte
     req.stream = True
     req.stream_options = StreamOptions(include_usage=True)
     req.n = 1
-    return _events(await service.completions(req))
+    body = await service.completions(req)
+    assert not isinstance(body, Completion)
+    return _events(body)
 
 
 async def complete_text(service: Service, req: CompletionRequest) -> ChatResult:
     req.stream = False
     body = await service.completions(req)
-    choice = body["choices"][0]
-    res = ChatResult(text=choice.get("text") or "", finish_reason=choice["finish_reason"])
-    _usage_into(res, body.get("usage"))
+    assert isinstance(body, Completion)
+    choice = body.choices[0]
+    res = ChatResult(text=choice.text, finish_reason=choice.finish_reason or "stop")
+    res.count(body.usage)
     return res
 
 
-async def _events(body: AsyncIterator[str]) -> AsyncIterator[Event]:
+async def _events(body: Union[ChatStream, CompletionStream]) -> AsyncIterator[Event]:
     res = ChatResult()
     text: list[str] = []
     reasoning: list[str] = []
     try:
         async for chunk in body:
-            obj = _parse_sse(chunk)
-            if not isinstance(obj, dict):
-                continue
-            if "error" in obj:
-                yield Event("error", error=obj["error"])
+            if isinstance(chunk, ErrorResponse):
+                yield Event("error", error=chunk.error)
                 return
-            if obj.get("usage"):
-                _usage_into(res, obj["usage"])
-            for choice in obj.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if delta.get("reasoning_content"):
-                    reasoning.append(delta["reasoning_content"])
-                    yield Event("reasoning", text=delta["reasoning_content"])
-                piece = delta.get("content") or choice.get("text")     # chat delta | completion text
+            res.count(chunk.usage)
+            for choice in chunk.choices:
+                if isinstance(chunk, CompletionChunk):
+                    piece, calls = choice.text, []
+                else:
+                    delta = choice.delta
+                    if delta.reasoning_content:
+                        reasoning.append(delta.reasoning_content)
+                        yield Event("reasoning", text=delta.reasoning_content)
+                    piece = delta.content
+                    calls = [ToolCallOut(id=c.id, function=c.function) for c in delta.tool_calls or []]
                 if piece:
                     text.append(piece)
                     yield Event("text", text=piece)
-                if delta.get("tool_calls"):
-                    calls = [{k: v for k, v in c.items() if k != "index"} for c in delta["tool_calls"]]
+                if calls:
                     res.tool_calls.extend(calls)
                     yield Event("tool_calls", tool_calls=calls)
-                if choice.get("finish_reason"):
-                    res.finish_reason = choice["finish_reason"]
+                if choice.finish_reason:
+                    res.finish_reason = choice.finish_reason
         res.text, res.reasoning = "".join(text), "".join(reasoning)
         yield Event("finish", result=res)
     finally:

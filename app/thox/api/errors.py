@@ -12,6 +12,7 @@ from quart import Quart, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from ..errors import ThoxError
+from .response_models import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("thox.api")
 
@@ -24,7 +25,7 @@ _HTTP_CODES = {400: ("invalid_request_error", "bad_request"), 401: ("invalid_req
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).body()
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",

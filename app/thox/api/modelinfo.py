@@ -4,8 +4,6 @@ served with and what it can do. Shared by ``/v1/models`` and Ollama's
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..engine.manager import ModelManager
 from ..store.store import Manifest
 
@@ -22,8 +20,3 @@ def capabilities(m: Manifest) -> dict[str, bool]:
     chat = m.kind != "embedding"
     return {"chat": chat, "completion": chat, "fim": bool(m.fim) and chat, "tools": chat,
             "embeddings": m.kind == "embedding", "vision": False}
-
-
-def openai_fields(manager: ModelManager, m: Manifest) -> dict[str, Any]:
-    n = context_length(manager, m)
-    return {"context_length": n, "max_model_len": n, "capabilities": capabilities(m)}

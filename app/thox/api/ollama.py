@@ -17,55 +17,27 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Union
+from typing import Any, AsyncIterator
 
-from quart import Quart, Response, jsonify, request
+from quart import Quart, Response, request
 
 from ..errors import InvalidRequest
 from ..store.store import Manifest
 from . import chatbridge, modelinfo
 from .body import json_body
 from .chatbridge import ChatResult, Event
-from .schemas import Base, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .ollama_models import (ChatBody, EmbedBody, GenerateBody, OllamaChatResponse, OllamaDetails,
+                            OllamaEmbed, OllamaEmbedding, OllamaError, OllamaGenerateResponse, OllamaLoadedModel,
+                            OllamaLoadedModels, OllamaMessage, OllamaModel, OllamaModels, OllamaRequest, OllamaShow,
+                            OllamaToolCall, OllamaToolFunction, OllamaVersion)
+from .response_models import EmbeddingList, ToolCallOut
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .state import app_state
+from .wire import NDJSON_HEADERS, dumps, reply, stream_response
 
 PREFIX = "/api/"
 # the Ollama API level these routes follow (clients check it before use)
 OLLAMA_VERSION = "0.12.0"
-NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
-                  "X-Accel-Buffering": "no"}
-
-
-class OllamaRequest(Base):
-    model: str | None = None
-    name: str | None = None                 # older clients say name
-    options: dict[str, Any] | None = None
-    format: Union[str, dict[str, Any], None] = None
-    stream: bool | None = True
-    keep_alive: Union[str, int, float, None] = None
-    think: Union[bool, str, None] = None
-
-    def model_id(self) -> str:
-        return resolve(self.model or self.name)
-
-
-class ChatBody(OllamaRequest):
-    messages: list[dict[str, Any]] = []
-    tools: list[dict[str, Any]] | None = None
-
-
-class GenerateBody(OllamaRequest):
-    prompt: str | None = None
-    suffix: str | None = None
-    system: str | None = None
-    raw: bool | None = False
-    images: list[Any] | None = None
-
-
-class EmbedBody(OllamaRequest):
-    input: Union[str, list[str], None] = None
-    prompt: str | None = None               # /api/embeddings
-    dimensions: int | None = None
 
 
 def resolve(name: str | None) -> str:
@@ -84,12 +56,12 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _details(m: Manifest) -> dict[str, Any]:
-    return {"parent_model": "", "format": "gguf", "family": m.architecture,
-            "families": [m.architecture], "parameter_size": "", "quantization_level": ""}
+def _details(m: Manifest) -> OllamaDetails:
+    return OllamaDetails(family=m.architecture, families=[m.architecture])
 
 
 def _listing(m: Manifest) -> dict[str, Any]:
+    """The fields of ``OllamaModel`` for ``m``."""
     return {"name": m.id, "model": m.id, "modified_at": _iso(m.created), "size": m.size,
             "digest": m.sha256, "details": _details(m)}
 
@@ -167,7 +139,7 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chat_request(body: ChatBody) -> ChatCompletionRequest:
-    chat: dict[str, Any] = {"model": body.model_id(), "messages": chat_messages(body.messages)}
+    chat: dict[str, Any] = {"model": resolve(body.model_name), "messages": chat_messages(body.messages)}
     if body.tools:
         chat["tools"] = [{"type": "function", "function": t.get("function") or {}} for t in body.tools]
     fmt = _format(body.format)
@@ -178,6 +150,16 @@ def chat_request(body: ChatBody) -> ChatCompletionRequest:
 
 
 # -- output ----------------------------------------------------------------------------------------
+def _output(res: ChatResult) -> dict[str, Any]:
+    """The answer's fields for ``_answer``: text, and reasoning and tool calls when there are any."""
+    out: dict[str, Any] = {"content": res.text}
+    if res.reasoning:
+        out["thinking"] = res.reasoning
+    if res.tool_calls:
+        out["tool_calls"] = _tool_calls(res.tool_calls)
+    return out
+
+
 def _stats(res: ChatResult, t0: float) -> dict[str, Any]:
     total = int((time.monotonic() - t0) * 1e9)
     return {"done_reason": "length" if res.finish_reason == "length" else "stop",
@@ -185,61 +167,65 @@ def _stats(res: ChatResult, t0: float) -> dict[str, Any]:
             "prompt_eval_duration": 0, "eval_count": res.completion_tokens, "eval_duration": total}
 
 
-def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _tool_calls(calls: list[ToolCallOut]) -> list[OllamaToolCall]:
     out = []
     for c in calls:
         try:
-            args = json.loads(c["function"]["arguments"] or "{}")
+            args = json.loads(c.function.arguments or "{}")
         except ValueError:
             args = {}
-        out.append({"id": c["id"], "function": {"name": c["function"]["name"],
-                                                "arguments": args if isinstance(args, dict) else {}}})
+        out.append(OllamaToolCall(id=c.id, function=OllamaToolFunction(
+            name=c.function.name, arguments=args if isinstance(args, dict) else {})))
     return out
 
 
-def _line(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+def _answer(model: str, chat: bool, **fields: Any) -> OllamaChatResponse | OllamaGenerateResponse:
+    """A chat or generate answer; ``content``, ``thinking`` and ``tool_calls``
+    go into the message of a chat answer, the rest at the top."""
+    inner = {k: fields.pop(k) for k in ("content", "thinking", "tool_calls") if k in fields}
+    if chat:
+        return OllamaChatResponse(model=model, created_at=_iso(time.time()), message=OllamaMessage(**inner),
+                                  **fields)
+    inner.pop("tool_calls", None)
+    if "content" in inner:
+        inner["response"] = inner.pop("content")
+    return OllamaGenerateResponse(model=model, created_at=_iso(time.time()), **inner, **fields)
+
+
+def _line(obj: OllamaChatResponse | OllamaGenerateResponse | OllamaError) -> str:
+    return dumps(obj.body()) + "\n"
 
 
 async def _ndjson(source: AsyncIterator[Event], model: str, t0: float, chat: bool) -> AsyncIterator[str]:
-    def piece(**fields: Any) -> dict[str, Any]:
-        base = {"model": model, "created_at": _iso(time.time())}
-        if chat:
-            return {**base, "message": {"role": "assistant", "content": fields.pop("content", ""), **fields},
-                    "done": False}
-        return {**base, "response": fields.pop("content", ""), **fields, "done": False}
-
     async for e in source:
         if e.kind == "text":
-            yield _line(piece(content=e.text))
+            yield _line(_answer(model, chat, content=e.text))
         elif e.kind == "reasoning":
-            yield _line(piece(thinking=e.text))
+            yield _line(_answer(model, chat, thinking=e.text))
         elif e.kind == "tool_calls" and chat:
-            yield _line(piece(tool_calls=_tool_calls(e.tool_calls)))
+            yield _line(_answer(model, chat, tool_calls=_tool_calls(e.tool_calls)))
         elif e.kind == "finish":
             assert e.result is not None
-            yield _line({**piece(), "done": True, **_stats(e.result, t0)})
+            yield _line(_answer(model, chat, done=True, **_stats(e.result, t0)))
             return
         elif e.kind == "error":
-            yield _line({"error": (e.error or {}).get("message") or "generation failed"})
+            yield _line(OllamaError(error=(e.error.message if e.error else "") or "generation failed"))
             return
 
 
 def _stream(source: AsyncIterator[Event], model: str, t0: float, chat: bool) -> Response:
-    resp = Response(_ndjson(source, model, t0, chat), headers=NDJSON_HEADERS)
-    resp.timeout = None
-    return resp
+    return stream_response(_ndjson(source, model, t0, chat), NDJSON_HEADERS)
 
 
 # -- routes ---------------------------------------------------------------------------------------
 def register(app: Quart) -> None:
     @app.get("/api/version")
     async def ollama_version():
-        return jsonify({"version": OLLAMA_VERSION})
+        return reply(OllamaVersion(version=OLLAMA_VERSION))
 
     @app.get("/api/tags")
     async def ollama_tags():
-        return jsonify({"models": [_listing(m) for m in app_state().manager.store.list()]})
+        return reply(OllamaModels(models=[OllamaModel(**_listing(m)) for m in app_state().manager.store.list()]))
 
     @app.get("/api/ps")
     async def ollama_ps():
@@ -247,54 +233,45 @@ def register(app: Quart) -> None:
         loaded = []
         for mid, w in list(manager.workers.items()):
             m = manager.manifest(mid)
-            loaded.append({**_listing(m), "size_vram": 0, "expires_at": _iso(time.time() + manager.settings.keep_alive),
-                           "context_length": int(w.model.n_ctx)})
-        return jsonify({"models": loaded})
+            loaded.append(OllamaLoadedModel(**_listing(m), expires_at=_iso(time.time() + manager.settings.keep_alive),
+                                            context_length=int(w.model.n_ctx)))
+        return reply(OllamaLoadedModels(models=loaded))
 
     @app.post("/api/show")
     async def ollama_show():
         body = OllamaRequest.model_validate(await json_body())
         manager = app_state().manager
-        m = manager.manifest(body.model_id())
+        m = manager.manifest(resolve(body.model_name))
         n_ctx = modelinfo.context_length(manager, m)
-        return jsonify({
-            "modelfile": f"# served by thox\nFROM {m.id}\n", "parameters": f"num_ctx {n_ctx}",
-            "template": "", "details": _details(m),
-            "model_info": {"general.architecture": m.architecture, f"{m.architecture}.context_length": n_ctx},
-            "capabilities": _capabilities(m), "modified_at": _iso(m.created),
-        })
+        return reply(OllamaShow(
+            modelfile=f"# served by thox\nFROM {m.id}\n", parameters=f"num_ctx {n_ctx}", details=_details(m),
+            model_info={"general.architecture": m.architecture, f"{m.architecture}.context_length": n_ctx},
+            capabilities=_capabilities(m), modified_at=_iso(m.created)))
 
     @app.post("/api/chat")
     async def ollama_chat():
         t0 = time.monotonic()
         body = ChatBody.model_validate(await json_body())
-        req = chat_request(body)
         if not body.messages:           # Ollama loads the model and answers at once
-            await app_state().manager.get(req.model)
-            return jsonify({"model": req.model, "created_at": _iso(time.time()),
-                            "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+            model = resolve(body.model_name)
+            await app_state().manager.get(model)
+            return reply(_answer(model, True, content="", done=True, done_reason="load"))
+        req = chat_request(body)
         if body.stream is not False:
             return _stream(await chatbridge.open_stream(app_state().service, req), req.model, t0, chat=True)
         res = await chatbridge.complete(app_state().service, req)
-        msg: dict[str, Any] = {"role": "assistant", "content": res.text}
-        if res.reasoning:
-            msg["thinking"] = res.reasoning
-        if res.tool_calls:
-            msg["tool_calls"] = _tool_calls(res.tool_calls)
-        return jsonify({"model": req.model, "created_at": _iso(time.time()), "message": msg, "done": True,
-                        **_stats(res, t0)})
+        return reply(_answer(req.model, True, **_output(res), done=True, **_stats(res, t0)))
 
     @app.post("/api/generate")
     async def ollama_generate():
         t0 = time.monotonic()
         body = GenerateBody.model_validate(await json_body())
-        model = body.model_id()
+        model = resolve(body.model_name)
         if body.images:
             raise InvalidRequest("images are not supported by this model", param="images")
         if not body.prompt and body.suffix is None:
             await app_state().manager.get(model)
-            return jsonify({"model": model, "created_at": _iso(time.time()), "response": "", "done": True,
-                            "done_reason": "load"})
+            return reply(_answer(model, False, content="", done=True, done_reason="load"))
         fmt = _format(body.format)
         if body.raw or body.suffix is not None:
             if fmt:
@@ -317,14 +294,11 @@ def register(app: Quart) -> None:
             if body.stream is not False:
                 return _stream(await chatbridge.open_stream(app_state().service, req), model, t0, chat=False)
             res = await chatbridge.complete(app_state().service, req)
-        out: dict[str, Any] = {"model": model, "created_at": _iso(time.time()), "response": res.text, "done": True}
-        if res.reasoning:
-            out["thinking"] = res.reasoning
-        return jsonify({**out, **_stats(res, t0)})
+        return reply(_answer(model, False, **_output(res), done=True, **_stats(res, t0)))
 
-    async def _embed(body: EmbedBody, inputs: Any) -> tuple[dict[str, Any], float]:
+    async def _embed(body: EmbedBody, inputs: Any) -> tuple[EmbeddingList, float]:
         t0 = time.monotonic()
-        req = EmbeddingRequest.model_validate({"model": body.model_id(), "input": inputs,
+        req = EmbeddingRequest.model_validate({"model": resolve(body.model_name), "input": inputs,
                                                **({"dimensions": body.dimensions} if body.dimensions else {})})
         return await app_state().service.embeddings(req), t0
 
@@ -334,9 +308,9 @@ def register(app: Quart) -> None:
         if body.input is None:
             raise InvalidRequest("input is required", param="input")
         out, t0 = await _embed(body, body.input)
-        return jsonify({"model": out["model"], "embeddings": [d["embedding"] for d in out["data"]],
-                        "total_duration": int((time.monotonic() - t0) * 1e9), "load_duration": 0,
-                        "prompt_eval_count": out["usage"]["prompt_tokens"]})
+        return reply(OllamaEmbed.model_construct(     # the vectors are not validated again
+            model=out.model, embeddings=[d.embedding for d in out.data],
+            total_duration=int((time.monotonic() - t0) * 1e9), prompt_eval_count=out.usage.prompt_tokens))
 
     @app.post("/api/embeddings")
     async def ollama_embeddings():
@@ -344,7 +318,7 @@ def register(app: Quart) -> None:
         if not body.prompt:
             raise InvalidRequest("prompt is required", param="prompt")
         out, _ = await _embed(body, body.prompt)
-        return jsonify({"embedding": out["data"][0]["embedding"]})
+        return reply(OllamaEmbedding.model_construct(embedding=out.data[0].embedding))
 
     @app.after_request
     async def _ollama_errors(resp: Response) -> Response:
@@ -352,6 +326,6 @@ def register(app: Quart) -> None:
             return resp
         body = await resp.get_json(force=True, silent=True)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            resp.set_data(json.dumps({"error": body["error"].get("message") or ""}, ensure_ascii=False))
+            resp.set_data(json.dumps(OllamaError(error=body["error"].get("message") or "").body(), ensure_ascii=False))
         return resp
 

@@ -8,24 +8,25 @@ bounded in-memory store, so ``previous_response_id`` continues a conversation.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
-from quart import Quart, Response, jsonify
+from quart import Quart, jsonify
 
 from ..errors import InvalidRequest, NotFound
 from . import chatbridge
 from .body import json_body
 from .chatbridge import ChatResult, Event
+from .response_models import (DeletedResponse, FunctionCallItem, IncompleteDetails, InputTokensDetails, ItemStatus,
+                              MessageItem, OutputItem, OutputText, ReasoningItem, ReasoningText, Reply,
+                              ResponseError, ResponseFunctionTool, ResponseObject, ResponseStatus,
+                              ResponseTextConfig, ResponseUsage, ToolCallOut)
 from .response_store import ResponseStore
 from .schemas import Base, ChatCompletionRequest, FunctionDef, Probability, Temperature, TokenCount
 from .state import app_state
-
-SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
+from .wire import reply, sse_event, stream_response
 
 
 # -- request --------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def input_messages(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 def assistant_message(res: ChatResult) -> dict[str, Any]:
     msg: dict[str, Any] = {"role": "assistant", "content": res.text if (res.text or not res.tool_calls) else None}
     if res.tool_calls:
-        msg["tool_calls"] = res.tool_calls
+        msg["tool_calls"] = [c.model_dump() for c in res.tool_calls]
     return msg
 
 
@@ -157,31 +158,24 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(24)}"
 
 
-def _usage(res: ChatResult) -> dict[str, Any]:
-    return {"input_tokens": res.prompt_tokens, "input_tokens_details": {"cached_tokens": res.cached_tokens,
-                                                                   "cache_write_tokens": 0},
-            "output_tokens": res.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": res.prompt_tokens + res.completion_tokens}
+def _usage(res: ChatResult) -> ResponseUsage:
+    return ResponseUsage(input_tokens=res.prompt_tokens,
+                         input_tokens_details=InputTokensDetails(cached_tokens=res.cached_tokens),
+                         output_tokens=res.completion_tokens, total_tokens=res.prompt_tokens + res.completion_tokens)
 
 
-def reasoning_item(rid: str, text: str, status: str = "completed") -> dict[str, Any]:
-    return {"type": "reasoning", "id": rid, "summary": [], "status": status,
-            "content": [{"type": "reasoning_text", "text": text}] if text or status != "in_progress" else []}
+def reasoning_item(rid: str, text: str, status: ItemStatus = "completed") -> ReasoningItem:
+    return ReasoningItem(id=rid, status=status, content=[ReasoningText(text=text)]
+                         if text or status != "in_progress" else [])
 
 
-def message_item(mid: str, text: str, status: str = "completed") -> dict[str, Any]:
-    return {"type": "message", "id": mid, "status": status, "role": "assistant",
-            "content": [_text_part(text)] if status != "in_progress" else []}
+def message_item(mid: str, text: str, status: ItemStatus = "completed") -> MessageItem:
+    return MessageItem(id=mid, status=status, content=[OutputText(text=text)] if status != "in_progress" else [])
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def function_item(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
-    return {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"],
-            "name": call["function"]["name"], "arguments": call["function"]["arguments"] if status == "completed"
-            else "", "status": status}
+def function_item(call: ToolCallOut, status: ItemStatus = "completed") -> FunctionCallItem:
+    return FunctionCallItem(id="fc_" + call.id.removeprefix("call_"), call_id=call.id, name=call.function.name,
+                            arguments=call.function.arguments if status == "completed" else "", status=status)
 
 
 class Turn:
@@ -223,42 +217,40 @@ class Turn:
         self.chat = ChatCompletionRequest.model_validate(chat)
         self.tools = tools
 
-    def response(self, status: str, output: list[dict[str, Any]], res: ChatResult | None,
-                 error: dict[str, Any] | None = None) -> dict[str, Any]:
+    def response(self, status: ResponseStatus, output: list[OutputItem], res: ChatResult | None,
+                 error: ResponseError | None = None) -> ResponseObject:
         req = self.req
         fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format \
             else {"type": "text"}
         choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedFunction) else \
             (req.tool_choice or "auto")
-        return {
-            "id": self.id, "object": "response", "created_at": self.created, "status": status,
-            "completed_at": int(time.time()) if status == "completed" else None,
-            "error": error,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": req.model,
-            "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
-            "store": req.store is not False,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "text": {"format": fmt}, "tool_choice": choice,
-            "tools": [{"type": "function", **t.model_dump(exclude={"type"}), "strict": bool(t.strict)}
-                      for t in self.tools],
-            "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled",
-            "metadata": req.metadata or {},
-            **({"usage": _usage(res)} if res is not None else {}),
-            **({"user": req.user} if req.user is not None else {}),
-        }
+        body = ResponseObject(
+            id=self.id, created_at=self.created, status=status,
+            completed_at=int(time.time()) if status == "completed" else None, error=error,
+            incomplete_details=IncompleteDetails() if status == "incomplete" else None,
+            instructions=req.instructions, max_output_tokens=req.max_output_tokens, model=req.model,
+            output=output, parallel_tool_calls=req.parallel_tool_calls is not False,
+            previous_response_id=req.previous_response_id, store=req.store is not False,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            text=ResponseTextConfig(format=fmt), tool_choice=choice,
+            tools=[ResponseFunctionTool(name=t.name, description=t.description, parameters=t.parameters,
+                                        strict=bool(t.strict)) for t in self.tools],
+            top_p=1.0 if req.top_p is None else req.top_p, metadata=req.metadata or {})
+        if res is not None:
+            body.usage = _usage(res)
+        if req.user is not None:
+            body.user = req.user
+        return body
 
-    def finish(self, output: list[dict[str, Any]], res: ChatResult) -> dict[str, Any]:
-        status = "incomplete" if res.finish_reason == "length" else "completed"
-        body = self.response(status, output, res)
+    def finish(self, output: list[OutputItem], res: ChatResult) -> ResponseObject:
+        body = self.response("incomplete" if res.finish_reason == "length" else "completed", output, res)
         if self.req.store is not False:
-            self.store.put(body, self.history + [assistant_message(res)])
+            self.store.put(body.body(), self.history + [assistant_message(res)])
         return body
 
     # -- whole ---------------------------------------------------------------------------
-    def output_of(self, res: ChatResult) -> list[dict[str, Any]]:
-        out = []
+    def output_of(self, res: ChatResult) -> list[OutputItem]:
+        out: list[OutputItem] = []
         if res.reasoning:
             out.append(reasoning_item(_new_id("rs"), res.reasoning))
         if res.text or not res.tool_calls:
@@ -270,15 +262,16 @@ class Turn:
     # -- streamed --------------------------------------------------------------------------
     async def events(self, source: AsyncIterator[Event]) -> AsyncIterator[str]:
         seq = 0
-        output: list[dict[str, Any]] = []
+        output: list[OutputItem] = []
         current: dict[str, Any] | None = None     # the open reasoning or message item
         parts: list[str] = []
 
         def ev(kind: str, **fields: Any) -> str:
             nonlocal seq
-            data = {"type": kind, "sequence_number": seq, **fields}
+            data = {"type": kind, "sequence_number": seq,
+                    **{k: v.body() if isinstance(v, Reply) else v for k, v in fields.items()}}
             seq += 1
-            return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+            return sse_event(kind, data)
 
         def open_item(kind: str) -> list[str]:
             nonlocal current, parts
@@ -290,14 +283,15 @@ class Turn:
             out = [ev("response.output_item.added", output_index=current["index"], item=item)]
             if kind == "text":
                 out.append(ev("response.content_part.added", item_id=current["id"], output_index=current["index"],
-                              content_index=0, part=_text_part("")))
+                              content_index=0, part=OutputText(text="")))
             return out
 
-        def close_item(status: str = "completed") -> list[str]:
+        def close_item(status: ItemStatus = "completed") -> list[str]:
             nonlocal current
             if current is None:
                 return []
             text, idx, iid = "".join(parts), current["index"], current["id"]
+            item: OutputItem
             if current["kind"] == "reasoning":
                 item = reasoning_item(iid, text, status)
                 out = [ev("response.reasoning_text.done", item_id=iid, output_index=idx, content_index=0, text=text)]
@@ -306,7 +300,7 @@ class Turn:
                 out = [ev("response.output_text.done", item_id=iid, output_index=idx, content_index=0, text=text,
                           logprobs=[]),
                        ev("response.content_part.done", item_id=iid, output_index=idx, content_index=0,
-                          part=_text_part(text))]
+                          part=OutputText(text=text))]
             output[idx] = item
             out.append(ev("response.output_item.done", output_index=idx, item=item))
             current = None
@@ -319,6 +313,7 @@ class Turn:
                 if current is None or current["kind"] != e.kind:
                     for chunk in close_item() + open_item(e.kind):
                         yield chunk
+                assert current is not None
                 parts.append(e.text)
                 kind = "response.reasoning_text.delta" if e.kind == "reasoning" else "response.output_text.delta"
                 extra = {} if e.kind == "reasoning" else {"logprobs": []}
@@ -331,33 +326,33 @@ class Turn:
                     idx, item = len(output), function_item(call, "in_progress")
                     output.append(item)
                     yield ev("response.output_item.added", output_index=idx, item=item)
-                    args = call["function"]["arguments"]
-                    yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=idx,
+                    args = call.function.arguments
+                    yield ev("response.function_call_arguments.delta", item_id=item.id, output_index=idx,
                              delta=args)
-                    yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=idx,
-                             name=call["function"]["name"], arguments=args)
+                    yield ev("response.function_call_arguments.done", item_id=item.id, output_index=idx,
+                             name=call.function.name, arguments=args)
                     output[idx] = function_item(call)
                     yield ev("response.output_item.done", output_index=idx, item=output[idx])
             elif e.kind == "finish":
                 res = e.result
                 assert res is not None
-                status = "incomplete" if res.finish_reason == "length" else "completed"
+                status: ItemStatus = "incomplete" if res.finish_reason == "length" else "completed"
                 for chunk in close_item(status):
                     yield chunk
-                if not any(i["type"] in ("message", "function_call") for i in output):
+                if not any(i.type in ("message", "function_call") for i in output):
                     for chunk in open_item("text") + close_item(status):   # no answer: one empty message
                         yield chunk
                 body = self.finish(output, res)
-                yield ev("response.incomplete" if body["status"] == "incomplete" else "response.completed",
+                yield ev("response.incomplete" if body.status == "incomplete" else "response.completed",
                          response=body)
                 return
             elif e.kind == "error":
-                err = e.error or {}
                 for chunk in close_item("incomplete"):
                     yield chunk
-                code = "rate_limit_exceeded" if err.get("type") == "rate_limit_error" else "server_error"
-                yield ev("response.failed", response=self.response(
-                    "failed", output, None, {"code": code, "message": err.get("message") or "generation failed"}))
+                err = e.error
+                code = "rate_limit_exceeded" if err is not None and err.type == "rate_limit_error" else "server_error"
+                yield ev("response.failed", response=self.response("failed", output, None, ResponseError(
+                    code=code, message=(err.message if err is not None else "") or "generation failed")))
                 return
 
 
@@ -368,12 +363,9 @@ def register(app: Quart) -> None:
         req = ResponsesRequest.model_validate(await json_body())
         turn = Turn(req, app_state().responses)
         if req.stream:
-            source = await chatbridge.open_stream(app_state().service, turn.chat)
-            resp = Response(turn.events(source), headers=SSE_HEADERS)
-            resp.timeout = None
-            return resp
+            return stream_response(turn.events(await chatbridge.open_stream(app_state().service, turn.chat)))
         res = await chatbridge.complete(app_state().service, turn.chat)
-        return jsonify(turn.finish(turn.output_of(res), res))
+        return reply(turn.finish(turn.output_of(res), res))
 
     @app.get("/v1/responses/<rid>")
     async def get_response(rid: str):
@@ -383,4 +375,4 @@ def register(app: Quart) -> None:
     async def delete_response(rid: str):
         if not app_state().responses.delete(rid):
             raise NotFound(f"Response with id '{rid}' not found.", param="response_id")
-        return jsonify({"id": rid, "object": "response", "deleted": True})
+        return reply(DeletedResponse(id=rid))

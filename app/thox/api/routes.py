@@ -1,38 +1,36 @@
-"""HTTP routes. Thin: parse, call the service, return. Errors are raised and
-turned into the OpenAI shape by errors.py."""
+"""HTTP routes of the OpenAI API and the device. Thin: parse, call the
+service, serialise its response model. Errors are raised and turned into the
+OpenAI shape by errors.py."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from quart import Quart, Response, jsonify
 
 from . import chatbridge
 from .body import json_body
 from .openapi import openapi_document
+from .response_models import Health, Reply
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .state import app_state
-
-SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
+from .wire import openai_events, reply, stream_response
 
 
-def _respond(result: dict | AsyncIterator[str]) -> Response:
-    if isinstance(result, dict):
-        return jsonify(result)
-    resp = Response(result, headers=SSE_HEADERS)
-    resp.timeout = None  # a long generation is not a stalled response
-    return resp
+def _respond(result: Reply | AsyncGenerator) -> Response:
+    if isinstance(result, Reply):
+        return reply(result)
+    return stream_response(openai_events(result))
 
 
 def register(app: Quart) -> None:
     @app.get("/v1/models")
     async def list_models():
-        return jsonify(app_state().service.list_models())
+        return reply(app_state().service.list_models())
 
     @app.get("/v1/models/<path:model_id>")
     async def get_model(model_id: str):
-        return jsonify(app_state().service.get_model(model_id))
+        return reply(app_state().service.get_model(model_id))
 
     @app.post("/v1/chat/completions")
     async def chat_completions():
@@ -47,15 +45,13 @@ def register(app: Quart) -> None:
     @app.post("/v1/embeddings")
     async def embeddings():
         req = await json_body(EmbeddingRequest)
-        return jsonify(await app_state().service.embeddings(req))
+        return reply(await app_state().service.embeddings(req))
 
     @app.get("/health")
     async def health():
         state = app_state()
         models = state.manager.status()
-        return jsonify({"status": "ok", "version": state.version,
-                        "model_loaded": any(m["loaded"] for m in models),
-                        "models": models})
+        return reply(Health(version=state.version, model_loaded=any(m["loaded"] for m in models), models=models))
 
     @app.get("/openapi.json")
     async def openapi():

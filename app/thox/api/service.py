@@ -1,32 +1,36 @@
-"""The OpenAI use cases, between thin routes and the engine: admit jobs,
-collect or stream their output, count tokens, shape responses."""
+"""The OpenAI use cases, between thin routes and the engine: prepare jobs
+off the event loop, admit them, collect or stream their output, count
+tokens, and answer with the models of ``response_models.py``. A stream is an
+async generator of chunks, ending in an ``ErrorResponse`` when it fails after
+its first chunk; ``streaming.openai_events`` writes it out."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar, Union
 
 from ..engine.manager import ModelManager
 from ..engine.scheduler import JobStream, ModelWorker
 from ..engine.types import Finished, GenerationJob
 from ..errors import ModelBroken, ThoxError
+from ..store.store import Manifest
 from . import modelinfo
 from . import translate as tr
-from .translate import FINGERPRINT
-from .errors import error_body
 from .metrics import Metrics
+from .response_models import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+                              ChatLogprobs, ChatMessage, Completion, CompletionChoice, CompletionChunk,
+                              CompletionUsage, EmbeddingList, ErrorDetail, ErrorResponse, Model, ModelCapabilities,
+                              ModelList, ToolCallDelta)
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger("thox.api")
 T = TypeVar("T")
 PREPARE_THREADS = 4
-
-
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+ChatStream = AsyncGenerator[Union[ChatCompletionChunk, ErrorResponse], None]
+CompletionStream = AsyncGenerator[Union[CompletionChunk, ErrorResponse], None]
 
 
 class Service:
@@ -45,14 +49,15 @@ class Service:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- models --------------------------------------------------------------
-    def model_object(self, m) -> dict[str, Any]:
-        return {"id": m.id, "object": "model", "created": m.created, "owned_by": "thox",
-                **modelinfo.openai_fields(self.manager, m)}
+    def model_object(self, m: Manifest) -> Model:
+        n_ctx = modelinfo.context_length(self.manager, m)
+        return Model(id=m.id, created=m.created, owned_by="thox", context_length=n_ctx, max_model_len=n_ctx,
+                     capabilities=ModelCapabilities(**modelinfo.capabilities(m)))
 
-    def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self.model_object(m) for m in self.manager.store.list()]}
+    def list_models(self) -> ModelList:
+        return ModelList(data=[self.model_object(m) for m in self.manager.store.list()])
 
-    def get_model(self, model_id: str) -> dict[str, Any]:
+    def get_model(self, model_id: str) -> Model:
         return self.model_object(self.manager.manifest(model_id))
 
     async def _worker(self, model_id: str) -> ModelWorker:
@@ -86,41 +91,51 @@ class Service:
         raise RuntimeError("generation ended without a result")  # pragma: no cover
 
     # -- chat -------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
-        w = await self._worker(req.model)
+    async def chat_job(self, req: ChatCompletionRequest, w: ModelWorker) -> GenerationJob:
+        """The job for ``req`` on ``w``'s model (template, tokens, grammar),
+        prepared off the event loop. A template that cannot render marks the
+        model broken, as ``/health`` shows."""
         try:
-            job = await self.prepare(tr.chat_job, req, w.model)
+            return await self.prepare(tr.chat_job, req, w.model)
         except ModelBroken as e:
             self.manager.broken[req.model] = e.message
             raise
+
+    async def count_prompt(self, req: ChatCompletionRequest) -> int:
+        """Prompt tokens of ``req`` as the model would see them (nothing is generated)."""
+        job = await self.chat_job(req, await self._worker(req.model))
+        return len(job.prompt_tokens)
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | ChatStream:
+        w = await self._worker(req.model)
+        job = await self.chat_job(req, w)
         n = req.n or 1
         if req.stream:
             first = self._admit(w, job)
             return self._chat_stream(req, w, job, first, n)
-        rid, created = tr.new_id("chatcmpl"), tr.now()
-        choices, p_tok, c_tok = [], 0, 0
-        cached = 0
+        choices: list[ChatChoice] = []
+        p_tok, c_tok, cached = 0, 0, 0
         for i in range(n):
             text, lps, fin = await self._collect(self._admit(w, job))
             p_tok, c_tok, cached = fin.prompt_tokens, c_tok + fin.completion_tokens, max(cached, fin.cached_tokens)
             calls = tr.parse_tool_calls(fin.captured) if fin.captured else None
             if fin.captured and not calls:
                 text += fin.captured  # not a well-formed call: give the text back
-            msg: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None,
-                                   "refusal": None}
+            msg = ChatMessage(content=text if (text or not calls) else None)
             if calls:
-                msg["tool_calls"] = calls
-            choices.append({"index": i, "message": msg,
-                            "logprobs": tr.chat_logprobs(lps) if req.logprobs else None,
-                            "finish_reason": tr.finish_reason(fin, calls)})
-        return tr.chat_response(rid, req.model, created, choices, tr.usage(p_tok, c_tok, cached))
+                msg.tool_calls = calls
+            choices.append(ChatChoice(index=i, message=msg, logprobs=tr.chat_logprobs(lps) if req.logprobs else None,
+                                      finish_reason=tr.finish_reason(fin, calls)))
+        return ChatCompletion(id=tr.new_id("chatcmpl"), created=tr.now(), model=req.model, choices=choices,
+                              usage=CompletionUsage.of(p_tok, c_tok, cached), system_fingerprint=tr.FINGERPRINT)
 
     async def _stream_jobs(self, w: ModelWorker, jobs: list[GenerationJob], first: JobStream,
-                           per_job, tail) -> AsyncIterator[str]:
-        """The SSE body for ``jobs`` run one after another: ``per_job(i, stream)``
-        renders each (the first was admitted before the headers went out),
+                           per_job: Callable[[int, JobStream], AsyncIterator[Any]],
+                           tail: Callable[[], list[Any]]) -> AsyncGenerator[Any, None]:
+        """The chunks of ``jobs`` run one after another: ``per_job(i, stream)``
+        makes each job's (the first was admitted before the headers went out),
         ``tail()`` what follows the last. An error after the headers went out
-        becomes a final error event; an abandoned stream frees its queue place."""
+        becomes a final ``ErrorResponse``; an abandoned stream frees its queue place."""
         stream: JobStream | None = first
         try:
             for i, job in enumerate(jobs):
@@ -130,50 +145,51 @@ class Service:
                 stream = None
             for chunk in tail():
                 yield chunk
-            yield "data: [DONE]\n\n"
         except ThoxError as e:
-            yield sse(error_body(e.message, e.type, e.param, e.code))
+            yield ErrorResponse(error=ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code))
         finally:
             if stream is not None:
                 stream.close()
 
     def _chat_stream(self, req: ChatCompletionRequest, w: ModelWorker, job: GenerationJob,
-                     first: JobStream, n: int) -> AsyncIterator[str]:
+                     first: JobStream, n: int) -> ChatStream:
         rid, created, model = tr.new_id("chatcmpl"), tr.now(), req.model
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         tokens = {"prompt": 0, "completion": 0}
 
-        def chunk(i: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
-            return sse(tr.chat_chunk(rid, model, created, [
-                {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}], None, include_usage))
+        def chunk(i: int, delta: ChatDelta, reason: str | None = None,
+                  logprobs: ChatLogprobs | None = None) -> ChatCompletionChunk:
+            return tr.chat_chunk(rid, model, created, [ChatChunkChoice(
+                index=i, delta=delta, logprobs=logprobs, finish_reason=reason)], None, include_usage)
 
-        async def per_job(i: int, stream: JobStream) -> AsyncIterator[str]:
-            yield chunk(i, {"role": "assistant", "content": ""})
+        async def per_job(i: int, stream: JobStream) -> AsyncIterator[ChatCompletionChunk]:
+            yield chunk(i, ChatDelta(role="assistant", content=""))
             async for ev in stream:
                 if isinstance(ev, Finished):
                     tokens["prompt"] = ev.prompt_tokens
                     tokens["completion"] += ev.completion_tokens
                     calls = tr.parse_tool_calls(ev.captured) if ev.captured else None
                     if ev.captured and not calls:
-                        yield chunk(i, {"content": ev.captured})
+                        yield chunk(i, ChatDelta(content=ev.captured))
                     if calls:
-                        yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]})
-                    yield chunk(i, {}, tr.finish_reason(ev, calls))
+                        yield chunk(i, ChatDelta(tool_calls=[ToolCallDelta(index=k, **c.model_dump())
+                                                             for k, c in enumerate(calls)]))
+                    yield chunk(i, ChatDelta(), tr.finish_reason(ev, calls))
                     return
                 if ev.text or ev.logprobs:
-                    yield chunk(i, {"content": ev.text}, None,
+                    yield chunk(i, ChatDelta(content=ev.text), None,
                                 tr.chat_logprobs(ev.logprobs) if req.logprobs else None)
 
-        def tail() -> list[str]:
+        def tail() -> list[ChatCompletionChunk]:
             if not include_usage:
                 return []
-            return [sse(tr.chat_chunk(rid, model, created, [],
-                                      tr.usage(tokens["prompt"], tokens["completion"]), True))]
+            return [tr.chat_chunk(rid, model, created, [],
+                                  CompletionUsage.of(tokens["prompt"], tokens["completion"]), True)]
 
         return self._stream_jobs(w, [job] * n, first, per_job, tail)
 
     # -- legacy completions -------------------------------------------------------
-    async def completions(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def completions(self, req: CompletionRequest) -> Completion | CompletionStream:
         w = await self._worker(req.model)
         prompts = await self.prepare(tr.completion_prompts, req, w.model)
         params = tr.sampling(req, req.max_tokens)
@@ -187,30 +203,30 @@ class Service:
         if req.stream:
             first = self._admit(w, jobs[0])
             return self._completion_stream(req, w, jobs, first)
-        rid, created = tr.new_id("cmpl"), tr.now()
-        choices, p_tok, c_tok = [], 0, 0
+        choices: list[CompletionChoice] = []
+        p_tok, c_tok = 0, 0
         for i, job in enumerate(jobs):
             text, lps, fin = await self._collect(self._admit(w, job))
             if i % (req.n or 1) == 0:
                 p_tok += fin.prompt_tokens
             c_tok += fin.completion_tokens
-            choices.append({"index": i, "text": text, "finish_reason": tr.finish_reason(fin, None),
-                            "logprobs": tr.completion_logprobs(lps, len(job.prefix_text))
-                            if req.logprobs is not None else None})
-        return tr.completion_response(rid, req.model, created, choices, tr.usage(p_tok, c_tok))
+            choices.append(CompletionChoice(index=i, text=text, finish_reason=tr.finish_reason(fin, None),
+                                            logprobs=tr.completion_logprobs(lps, len(job.prefix_text))
+                                            if req.logprobs is not None else None))
+        return Completion(id=tr.new_id("cmpl"), created=tr.now(), model=req.model, choices=choices,
+                          usage=CompletionUsage.of(p_tok, c_tok), system_fingerprint=tr.FINGERPRINT)
 
     def _completion_stream(self, req: CompletionRequest, w: ModelWorker, jobs: list[GenerationJob],
-                           first: JobStream) -> AsyncIterator[str]:
+                           first: JobStream) -> CompletionStream:
         rid, created, model = tr.new_id("cmpl"), tr.now(), req.model
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         tokens = {"prompt": 0, "completion": 0}
 
-        def chunk(i: int, text: str, reason: str | None, lp: dict | None = None) -> str:
-            return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                        "system_fingerprint": FINGERPRINT,
-                        "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lp}]})
+        def chunk(i: int, text: str, reason: str | None, lp: Any = None) -> CompletionChunk:
+            return tr.completion_chunk(rid, model, created, [CompletionChoice(
+                index=i, text=text, finish_reason=reason, logprobs=lp)])
 
-        async def per_job(i: int, stream: JobStream) -> AsyncIterator[str]:
+        async def per_job(i: int, stream: JobStream) -> AsyncIterator[CompletionChunk]:
             offset = 0
             async for ev in stream:
                 if isinstance(ev, Finished):
@@ -223,16 +239,16 @@ class Service:
                 offset += len(ev.text)
                 yield chunk(i, ev.text, None, lp)
 
-        def tail() -> list[str]:
+        def tail() -> list[CompletionChunk]:
             if not include_usage:
                 return []
-            return [sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                         "choices": [], "usage": tr.usage(tokens["prompt"], tokens["completion"])})]
+            return [tr.completion_chunk(rid, model, created, [],
+                                        CompletionUsage.of(tokens["prompt"], tokens["completion"]))]
 
         return self._stream_jobs(w, jobs, first, per_job, tail)
 
     # -- embeddings -----------------------------------------------------------------------
-    async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
+    async def embeddings(self, req: EmbeddingRequest) -> EmbeddingList:
         w = await self._worker(req.model)
         inputs = await self.prepare(tr.embedding_inputs, req.input, w.model)
         vectors = await w.embed(inputs)

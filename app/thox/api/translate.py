@@ -1,4 +1,5 @@
-"""OpenAI requests → engine jobs, and engine output → OpenAI responses."""
+"""OpenAI requests → engine jobs, and engine output → the OpenAI response
+models of ``response_models.py``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from ..engine.model import LoadedModel
 from ..engine.types import Finished, GenerationJob, SamplingParams, TokenLogprob
 from ..errors import InvalidRequest
 from . import grammar
+from .response_models import (ChatChunkChoice, ChatCompletionChunk, ChatLogprobs, ChatTokenLogprob, CompletionChoice,
+                              CompletionChunk, CompletionLogprobs, CompletionUsage, Embedding, EmbeddingList,
+                              EmbeddingUsage, FinishReason, FunctionCallOut, ToolCallOut, TopLogprob)
 from .schemas import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -139,7 +143,9 @@ def chat_job(req: ChatCompletionRequest, model: LoadedModel) -> GenerationJob:
 _TOOL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
-def parse_tool_calls(captured: str) -> list[dict[str, Any]]:
+def parse_tool_calls(captured: str) -> list[ToolCallOut]:
+    """The well-formed ``<tool_call>{"name": …, "arguments": …}</tool_call>``
+    blocks of ``captured``, each with a new call id."""
     calls = []
     for body in _TOOL_RE.findall(captured):
         try:
@@ -149,41 +155,39 @@ def parse_tool_calls(captured: str) -> list[dict[str, Any]]:
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             continue
         args = obj.get("arguments", obj.get("parameters", {}))
-        calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
-                      "function": {"name": obj["name"],
-                                   "arguments": args if isinstance(args, str) else json.dumps(args)}})
+        calls.append(ToolCallOut(id="call_" + secrets.token_hex(12), function=FunctionCallOut(
+            name=obj["name"], arguments=args if isinstance(args, str) else json.dumps(args))))
     return calls
 
 
-def finish_reason(fin: Finished, tool_calls: list | None) -> str:
+def finish_reason(fin: Finished, tool_calls: list | None) -> FinishReason:
     if tool_calls:
         return "tool_calls"
     return "length" if fin.finish_reason == "length" else "stop"
 
 
-def chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
-    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
-                         "top_logprobs": [{"token": a, "logprob": c, "bytes": b} for a, b, c in t.top]}
-                        for t in items], "refusal": None}
+def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(content=[ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes, top_logprobs=[
+        TopLogprob(token=a, logprob=c, bytes=b) for a, b, c in t.top]) for t in items])
 
 
-def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def chat_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": use, "system_fingerprint": FINGERPRINT}
-
-
-def chat_chunk(rid: str, model: str, created: int, choices: list[dict], use: dict | None = None,
-               with_usage_field: bool = False) -> dict[str, Any]:
-    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "system_fingerprint": FINGERPRINT, "choices": choices}
+def chat_chunk(rid: str, model: str, created: int, choices: list[ChatChunkChoice],
+               use: CompletionUsage | None = None, with_usage_field: bool = False) -> ChatCompletionChunk:
+    """A chat stream chunk; ``with_usage_field`` writes ``usage`` (null when ``use`` is None)."""
+    chunk = ChatCompletionChunk(id=rid, created=created, model=model, system_fingerprint=FINGERPRINT,
+                                choices=choices)
     if with_usage_field:
-        d["usage"] = use
-    return d
+        chunk.usage = use
+    return chunk
+
+
+def completion_chunk(rid: str, model: str, created: int, choices: list[CompletionChoice],
+                     use: CompletionUsage | None = None) -> CompletionChunk:
+    """A completion stream chunk: choices with the fingerprint, or (``use``
+    given) the last chunk, with the usage and no choices."""
+    if use is not None:
+        return CompletionChunk(id=rid, created=created, model=model, choices=choices, usage=use)
+    return CompletionChunk(id=rid, created=created, model=model, system_fingerprint=FINGERPRINT, choices=choices)
 
 
 # -- legacy completions ----------------------------------------------------------------
@@ -223,18 +227,13 @@ def completion_prompts(req: CompletionRequest, model: LoadedModel) -> list[tuple
     return out
 
 
-def completion_logprobs(items: list[TokenLogprob], offset0: int) -> dict[str, Any]:
+def completion_logprobs(items: list[TokenLogprob], offset0: int) -> CompletionLogprobs:
     offs, pos = [], offset0
     for t in items:
         offs.append(pos)
         pos += len(t.token)
-    return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
-            "top_logprobs": [{a: c for a, _, c in t.top} for t in items], "text_offset": offs}
-
-
-def completion_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": use, "system_fingerprint": FINGERPRINT}
+    return CompletionLogprobs(tokens=[t.token for t in items], token_logprobs=[t.logprob for t in items],
+                              top_logprobs=[{a: c for a, _, c in t.top} for t in items], text_offset=offs)
 
 
 # -- embeddings ----------------------------------------------------------------------------
@@ -264,7 +263,7 @@ def embedding_inputs(inp: Any, model: LoadedModel) -> list[list[int]]:
 
 
 def embedding_response(model: str, vectors: list[np.ndarray], fmt: str, dims: int | None,
-                       n_tokens: int) -> dict[str, Any]:
+                       n_tokens: int) -> EmbeddingList:
     data = []
     for i, v in enumerate(vectors):
         if dims is not None:
@@ -274,10 +273,9 @@ def embedding_response(model: str, vectors: list[np.ndarray], fmt: str, dims: in
             n = float(np.linalg.norm(v))
             v = v / n if n > 0 else v
         v = v.astype("<f4")
-        emb: Any = base64.b64encode(v.tobytes()).decode() if fmt == "base64" else [float(x) for x in v]
-        data.append({"object": "embedding", "index": i, "embedding": emb})
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        emb = base64.b64encode(v.tobytes()).decode() if fmt == "base64" else v.tolist()
+        data.append(Embedding.model_construct(index=i, embedding=emb))   # vectors are not re-validated
+    return EmbeddingList(data=data, model=model, usage=EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens))
 
 
 def now() -> int:
