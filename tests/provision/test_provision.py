@@ -148,12 +148,13 @@ def test_image_build_in_chroot(inputs, image_root):
 
 def test_jetson_role_check_mode(inputs, image_root):
     """The jetson role cannot run here: --check against the image tree with
-    thox_target=jetson-orin (a dummy fingerprint; nothing is downloaded)."""
+    thox_target=jetson-orin (a dummy fingerprint; nothing is downloaded). The play is
+    written next to the tree, so thox_units_dir (relative to the playbook) is given."""
     play = image_root.parent / (image_root.name + "-jetson.yml")
     play.write_text("- hosts: all\n  gather_facts: true\n  roles:\n    - role: thox\n    - role: jetson\n")
     try:
         p = _chroot_playbook(image_root, str(play), {
-            "thox_image_build": True, "thox_target": "jetson-orin",
+            "thox_image_build": True, "thox_target": "jetson-orin", "thox_units_dir": str(REPO / "systemd"),
             "jetson_apt_key_fingerprint": "0123456789ABCDEF0123456789ABCDEF01234567"},
             LOGS / "provision-jetson-check.log", "--check", "--diff")
     finally:
