@@ -19,12 +19,11 @@ def test_common_prefix():
     assert common_prefix([], [1]) == 0 and common_prefix([1, 2], [1, 2]) == 2
 
 
-def test_keep_for_never_reuses_the_last_prompt_token_nor_leaves_a_lone_one():
-    assert keep_for(10, 10) == 9          # the whole prompt cached: its last token is decoded again
-    assert keep_for(10, 9) == 9
-    assert keep_for(10, 8) == 7           # 1 token left before the last: taken back, chunk of 2
+def test_keep_for_always_evaluates_at_least_the_last_two_prompt_tokens():
+    assert keep_for(10, 10) == 8          # the whole prompt cached: its last two are evaluated again
+    assert keep_for(10, 9) == 8 and keep_for(10, 8) == 8
     assert keep_for(10, 3) == 3
-    assert keep_for(1, 5) == 0 and keep_for(2, 0) == 0
+    assert keep_for(1, 5) == 0 and keep_for(2, 2) == 0 and keep_for(2, 0) == 0
 
 
 def test_a_continued_conversation_takes_its_own_slot():

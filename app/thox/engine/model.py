@@ -385,10 +385,14 @@ class LoadedModel:
         b.n_tokens = batch.n
         return int(self._lc.llama_decode(self.ctx, b))
 
-    def decode_chunk(self, batch: Batch, tokens: Sequence[int], pos: int, seq: int) -> int:
+    def decode_chunk(self, batch: Batch, tokens: Sequence[int], pos: int, seq: int,
+                     logits_last: bool = False) -> int:
+        """Decode ``tokens`` of sequence ``seq`` from position ``pos``; with
+        ``logits_last`` the last one's logits are kept (batch entry len-1)."""
         batch.clear()
+        n = len(tokens)
         for k, t in enumerate(tokens):
-            batch.add(t, pos + k, seq, False)
+            batch.add(t, pos + k, seq, logits_last and k == n - 1)
         return self.decode(batch)
 
     def close(self) -> None:

@@ -17,8 +17,10 @@ loop:
 A prompt chunk is a decode call of its own: llama.cpp would split a mixed
 batch into per-sequence micro-batches anyway (non-unified KV cache), and
 this way every sequence is computed the same however many others run beside
-it. The last prompt token is decoded with the generating slots, on its own,
-so its logits do not depend on what the cache held.
+it. Every chunk holds two or more tokens, the last one included (at least the
+last two prompt tokens are evaluated even when the whole prompt is cached),
+so the first token's logits are the same whatever the cache held, and the
+same as llama.cpp gives for the prompt evaluated from scratch.
 
 Tokens travel from the loop thread to the HTTP handler through an
 asyncio.Queue, so the event loop never blocks. Embeddings run on a context
@@ -70,7 +72,7 @@ class _Active:
     prompt: list[int]
     limit: int                   # most tokens it may generate
     cached: int                  # prompt tokens taken from the slot's cache
-    done: int                    # prompt tokens in the KV cache so far (all but the last)
+    done: int                    # prompt tokens in the KV cache so far
     feed: int | None = None      # the token to decode next (generating); None while the prompt is evaluated
     n_out: int = 0
     first_at: float | None = None
@@ -234,11 +236,8 @@ class ModelWorker:
                 keep = 0
             del slot.tokens[keep:]
         slot.n_exact = min(slot.n_exact, keep)
-        a = _Active(req=req, slot=slot, sampler=sampler, stream=TextStream(p.stop, p.capture_markers),
-                    prompt=prompt, limit=limit, cached=keep, done=keep)
-        if a.done == n_prompt - 1:
-            a.feed = prompt[-1]
-        slot.active = a
+        slot.active = _Active(req=req, slot=slot, sampler=sampler, stream=TextStream(p.stop, p.capture_markers),
+                              prompt=prompt, limit=limit, cached=keep, done=keep)
 
     def _step(self) -> None:
         for s in self.slots:
@@ -256,9 +255,10 @@ class ModelWorker:
             self._generate(gen)
 
     def _prompt_chunk(self, a: _Active, budget: int) -> int:
-        """Evaluate the next chunk (at most ``budget`` tokens) of ``a``'s prompt,
-        never its last token; returns the tokens evaluated."""
-        end = len(a.prompt) - 1
+        """Evaluate the next chunk (at most ``budget`` tokens) of ``a``'s prompt;
+        the chunk with its last token also gives the first generated token.
+        Returns the tokens evaluated."""
+        end = len(a.prompt)
         left = end - a.done
         n = min(budget, left)
         if left - n == 1:
@@ -266,8 +266,9 @@ class ModelWorker:
         if n < 2 and left >= 2:
             return 0         # no room for a chunk of two this step
         chunk = a.prompt[a.done:a.done + n]
+        last = a.done + n == end
         a.exact = a.exact and len(chunk) >= 2
-        rc = self.model.decode_chunk(self._batch, chunk, a.done, a.slot.seq)
+        rc = self.model.decode_chunk(self._batch, chunk, a.done, a.slot.seq, logits_last=last)
         if rc != 0:
             self._fail([a], RuntimeError(f"llama_decode failed ({rc}) while evaluating the prompt"))
             return n
@@ -275,8 +276,14 @@ class ModelWorker:
         a.done += n
         if a.exact:
             a.slot.n_exact = a.done
-        if a.done == end:
-            a.feed = a.prompt[-1]
+        if last:
+            try:
+                reason = self._sample(a, n - 1)
+            except BaseException as e:
+                self._fail([a], e)
+                return n
+            if reason is not None:
+                self._finish(a, reason)
         return n
 
     def _generate(self, gen: list[_Active]) -> None:

@@ -44,13 +44,10 @@ class Slot:
 
 def keep_for(prompt_len: int, reusable: int) -> int:
     """How many cached tokens a request with a ``prompt_len``-token prompt keeps,
-    given ``reusable`` matching ones. The last prompt token is always evaluated
-    on its own (so its logits never come from a cache), and the rest is
-    evaluated in chunks of two or more tokens, never one."""
-    keep = min(reusable, prompt_len - 1)
-    if prompt_len - 1 - keep == 1 and keep > 0:
-        keep -= 1
-    return max(keep, 0)
+    given ``reusable`` matching ones: never the last two, so the chunk that
+    gives the first token's logits has two or more tokens however much of the
+    prompt was cached."""
+    return max(0, min(reusable, prompt_len - 2))
 
 
 COPY_MIN = 64      # a prefix at least this much longer than the chosen slot's is copied from another slot
