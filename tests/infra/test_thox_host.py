@@ -146,9 +146,9 @@ def _set_elements(host, name: str) -> list:
 
 
 def test_lan_sets_hold_the_lan_links_prefix(host):
-    """thox-lan-sets.service has put the prefix of the box's LAN link (the one reached, else the default route's)
-    link into lan4_links (and into lan6_links where that link has a global IPv6
-    address), so the LAN the box sits on reaches it even outside the private ranges."""
+    """thox-lan-sets.service has put the prefix of the box's LAN link (the one the
+    suite reached it on, else the default route's) into lan4_links (and into
+    lan6_links where that link has a global IPv6 address), so the LAN the box sits on reaches it even outside the private ranges."""
     dev4 = _lan_dev(host, "4")
     assert dev4, "the box has no IPv4 default route and was not reached at an IPv4 address"
     want = {4: _link_prefixes(host, dev4, 4)}
