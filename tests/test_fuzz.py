@@ -82,10 +82,12 @@ class Tally:
         where = f"[{phase}] {method} {path[:120]} -> {status} {what[:300]}"
         if status >= 500 and not (status == 503 and _retry_after_ok(headers)):
             self.fail(f"{where}: 5xx: {body[:300]!r}")
-        if 400 <= status and path.split("?")[0].startswith("/v1") and method != "HEAD":
-            err = _error_shape(body)
+        route = path.split("?")[0]
+        if 400 <= status and route.startswith(("/v1", "/api/")) and method != "HEAD":
+            shape, err = ("Anthropic", _anthropic_error_shape(body)) if route.startswith("/v1/messages") else \
+                ("Ollama", _ollama_error_shape(body)) if route.startswith("/api/") else ("OpenAI", _error_shape(body))
             if err:
-                self.fail(f"{where}: not an OpenAI error ({err}): {body[:300]!r}")
+                self.fail(f"{where}: not an {shape} error ({err}): {body[:300]!r}")
         if status in (429, 503) and not _retry_after_ok(headers):
             self.fail(f"{where}: {status} without a valid Retry-After")
         text = body.decode("utf-8", "replace")
@@ -142,12 +144,49 @@ def _error_shape(body: bytes) -> str:
     return ""
 
 
-def _sse_ok(body: bytes) -> str:
+def _anthropic_error_shape(body: bytes) -> str:
+    """'' when ``body`` is an Anthropic error object, else what is wrong."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(doc, dict) or doc.get("type") != "error" or not isinstance(doc.get("error"), dict):
+        return "no 'error' object"
+    e = doc["error"]
+    if not isinstance(e.get("type"), str) or not isinstance(e.get("message"), str) or not e["message"]:
+        return "type/message not strings"
+    return ""
+
+
+def _ollama_error_shape(body: bytes) -> str:
+    """'' when ``body`` is an Ollama error ({"error": "message"}), else what is wrong."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(doc, dict) or not isinstance(doc.get("error"), str) or not doc["error"]:
+        return "no 'error' string"
+    return ""
+
+
+# the last event of a complete stream, per route: Responses and Anthropic Messages name their events
+_LAST_EVENTS = {"/v1/responses": {"response.completed", "response.incomplete", "response.failed"},
+                "/v1/messages": {"message_stop", "error"}}
+
+
+def _sse_ok(body: bytes, path: str = "") -> str:
     """'' when an event stream is complete or ends with an error event."""
     text = body.decode("utf-8", "replace").rstrip()
+    last = text.rsplit("data: ", 1)[-1]
+    ends = _LAST_EVENTS.get(path.split("?")[0])
+    if ends is not None:
+        try:
+            kind = json.loads(last).get("type")
+        except (ValueError, AttributeError):
+            kind = None
+        return "" if kind in ends else f"stream cut before {sorted(ends)}: ...{text[-200:]!r}"
     if text.endswith("data: [DONE]"):
         return ""
-    last = text.rsplit("data: ", 1)[-1]
     try:
         if isinstance(json.loads(last).get("error"), dict):
             return ""
@@ -218,7 +257,7 @@ def _send(http: httpx.Client, tally: Tally, phase: str, method: str, path: str, 
     tally.check(phase, method, path, r.status_code, r.headers, r.content,
                 (content or b"")[:200].decode("utf-8", "replace"))
     if r.status_code == 200 and r.headers.get("content-type", "").startswith("text/event-stream"):
-        bad = _sse_ok(r.content)
+        bad = _sse_ok(r.content, path)
         if bad:
             tally.fail(f"[{phase}] {method} {path}: {bad}")
     return r
@@ -241,7 +280,7 @@ def _clamp(case, to_tiny: bool, small: int) -> None:
     if to_tiny and isinstance(body, dict):
         if "model" in body or case.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             body["model"] = MODEL
-        for k in ("max_tokens", "max_completion_tokens"):
+        for k in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(k), int) and not isinstance(body.get(k), bool) and body[k] > small:
                 body[k] = small
 
@@ -283,7 +322,7 @@ def test_schemathesis(fuzz_server, tally, mode):
             tally.check(f"schema-{mode}", op.method.upper(), case.formatted_path, r.status_code, r.headers,
                         r.content, repr(case.body)[:300])
             if r.status_code == 200 and (_hdr(r.headers, "content-type") or "").startswith("text/event-stream"):
-                bad = _sse_ok(r.content)
+                bad = _sse_ok(r.content, case.formatted_path)
                 if bad:
                     tally.fail(f"[schema-{mode}] {op.label}: {bad}; {r.content.count(b'data: ')} events in "
                               f"{r.elapsed:.2f}s; request {dict(r.request.headers)!r:.300} "
