@@ -145,7 +145,8 @@ def test_ollama_routes(server, doc):
                                                "options": opts}).text.splitlines():
         is_a(doc, "OllamaGenerateResponse", json.loads(line))
     answers(doc, "post", "/api/embed", 200, call("POST", "/api/embed", {"model": "tiny", "input": ["a"]}).json())
-    answers(doc, "post", "/api/embeddings", 200, call("POST", "/api/embeddings", {"model": "tiny", "prompt": "a"}).json())
+    answers(doc, "post", "/api/embeddings", 200,
+            call("POST", "/api/embeddings", {"model": "tiny", "prompt": "a"}).json())
     answers(doc, "post", "/api/chat", 404, call("POST", "/api/chat", {"model": "nope", "messages": MSGS}).json())
 
 

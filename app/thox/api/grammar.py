@@ -8,7 +8,7 @@ walked and its repetition counts (``minLength``/``maxLength``,
 ``minItems``/``maxItems``, ``{n,m}`` in ``pattern``), their sum and its size
 are bounded; the conversion runs with a step budget, and its output is
 bounded in size and nesting before llama.cpp parses it. All of this is CPU
-work for a worker thread, not for the event loop.
+work for a preparation thread (``Service.prepare``), not for the event loop.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What clients read about a model before using it: the context window it is
 served with and what it can do. Shared by ``/v1/models`` and Ollama's
-``/api/tags`` and ``/api/show``."""
+``/api/show``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-client request rate limit for /v1/* (``api.rate_limit`` per minute),
+"""Per-client request rate limit for the API routes (``/v1/…`` and ``/api/…``;
+``api.rate_limit`` per minute),
 a token bucket per client address, answered like OpenAI: 429 with
 Retry-After and x-ratelimit-* headers. Clients on the box itself (loopback)
 are exempt unless ``api.rate_limit_loopback`` is set."""

@@ -3,7 +3,8 @@
 messages, runs through ``Service.chat`` (chatbridge), and the result becomes
 output items (``reasoning``, ``message``, ``function_call``) or the
 documented stream of ``response.*`` events. Stored responses live in a
-bounded in-memory store, so ``previous_response_id`` continues a conversation.
+bounded in-memory store (``response_store.py``), so ``previous_response_id``
+continues a conversation.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def input_messages(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise InvalidRequest(f"{where}.role: expected user, assistant, system or developer", param=f"{where}.role")
+                raise InvalidRequest(f"{where}.role: expected user, assistant, system or developer",
+                                     param=f"{where}.role")
             out.append({"role": "system" if role == "developer" else role,
                         "content": _text_of(item.get("content"), f"{where}.content")})
         elif kind == "function_call":

@@ -2,7 +2,7 @@
 off the event loop, admit them, collect or stream their output, count
 tokens, and answer with the models of ``response_models.py``. A stream is an
 async generator of chunks, ending in an ``ErrorResponse`` when it fails after
-its first chunk; ``streaming.openai_events`` writes it out."""
+its first chunk; ``wire.openai_events`` writes it out."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from . import translate as tr
 from .metrics import Metrics
 from .response_models import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
                               ChatLogprobs, ChatMessage, Completion, CompletionChoice, CompletionChunk,
-                              CompletionUsage, EmbeddingList, ErrorDetail, ErrorResponse, Model, ModelCapabilities,
-                              ModelList, ToolCallDelta)
+                              CompletionLogprobs, CompletionUsage, EmbeddingList, ErrorDetail, ErrorResponse, Model,
+                              ModelCapabilities, ModelList, ToolCallDelta)
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger("thox.api")
@@ -222,7 +222,7 @@ class Service:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         tokens = {"prompt": 0, "completion": 0}
 
-        def chunk(i: int, text: str, reason: str | None, lp: Any = None) -> CompletionChunk:
+        def chunk(i: int, text: str, reason: str | None, lp: CompletionLogprobs | None = None) -> CompletionChunk:
             return tr.completion_chunk(rid, model, created, [CompletionChoice(
                 index=i, text=text, finish_reason=reason, logprobs=lp)])
 

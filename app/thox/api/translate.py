@@ -103,7 +103,8 @@ def sampling(req: ChatCompletionRequest | CompletionRequest, limit: int | None) 
 
 def chat_job(req: ChatCompletionRequest, model: LoadedModel) -> GenerationJob:
     """The generation job for ``req``: renders the chat template, tokenizes,
-    builds the grammar. CPU work for a worker thread, not the event loop."""
+    builds the grammar. CPU work for a preparation thread (``Service.prepare``),
+    not the event loop."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
     use_tools = tools if choice != "none" else []
