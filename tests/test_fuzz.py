@@ -84,10 +84,10 @@ class Tally:
             self.fail(f"{where}: 5xx: {body[:300]!r}")
         route = path.split("?")[0]
         if 400 <= status and route.startswith(("/v1", "/api/")) and method != "HEAD":
-            shape, err = ("Anthropic", _anthropic_error_shape(body)) if route.startswith("/v1/messages") else \
-                ("Ollama", _ollama_error_shape(body)) if route.startswith("/api/") else ("OpenAI", _error_shape(body))
+            kind = _error_kind(route)
+            err = _error_shape(body, kind)
             if err:
-                self.fail(f"{where}: not an {shape} error ({err}): {body[:300]!r}")
+                self.fail(f"{where}: not an {kind} error ({err}): {body[:300]!r}")
         if status in (429, 503) and not _retry_after_ok(headers):
             self.fail(f"{where}: {status} without a valid Retry-After")
         text = body.decode("utf-8", "replace")
@@ -124,15 +124,29 @@ def _retry_after_ok(headers) -> bool:
         return False
 
 
-def _error_shape(body: bytes) -> str:
-    """'' when ``body`` is an OpenAI error object, else what is wrong."""
+def _error_kind(route: str) -> str:
+    """Whose error shape the answers on ``route`` use."""
+    return "Anthropic" if route.startswith("/v1/messages") else "Ollama" if route.startswith("/api/") else "OpenAI"
+
+
+def _error_shape(body: bytes, kind: str = "OpenAI") -> str:
+    """'' when ``body`` is an error object of ``kind``, else what is wrong: OpenAI's
+    {"error": {"message", "type", "param", "code"}}, Anthropic's {"type": "error",
+    "error": {"type", "message"}} or Ollama's {"error": "message"}."""
     try:
         doc = json.loads(body)
     except ValueError:
         return "not JSON"
+    if kind == "Ollama":
+        ok = isinstance(doc, dict) and isinstance(doc.get("error"), str) and doc["error"]
+        return "" if ok else "no 'error' string"
     if not isinstance(doc, dict) or not isinstance(doc.get("error"), dict):
         return "no 'error' object"
     e = doc["error"]
+    if kind == "Anthropic":
+        if doc.get("type") != "error" or not isinstance(e.get("type"), str):
+            return "not of type 'error' with an error type"
+        return "" if isinstance(e.get("message"), str) and e["message"] else "message not a string"
     if set(e) < {"message", "type", "param", "code"}:
         return f"keys {sorted(e)}"
     if not isinstance(e["message"], str) or not e["message"] or not isinstance(e["type"], str):
@@ -141,31 +155,6 @@ def _error_shape(body: bytes) -> str:
         return "param not a string or null"
     if e["code"] is not None and not isinstance(e["code"], str):
         return "code not a string or null"
-    return ""
-
-
-def _anthropic_error_shape(body: bytes) -> str:
-    """'' when ``body`` is an Anthropic error object, else what is wrong."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return "not JSON"
-    if not isinstance(doc, dict) or doc.get("type") != "error" or not isinstance(doc.get("error"), dict):
-        return "no 'error' object"
-    e = doc["error"]
-    if not isinstance(e.get("type"), str) or not isinstance(e.get("message"), str) or not e["message"]:
-        return "type/message not strings"
-    return ""
-
-
-def _ollama_error_shape(body: bytes) -> str:
-    """'' when ``body`` is an Ollama error ({"error": "message"}), else what is wrong."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return "not JSON"
-    if not isinstance(doc, dict) or not isinstance(doc.get("error"), str) or not doc["error"]:
-        return "no 'error' string"
     return ""
 
 

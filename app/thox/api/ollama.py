@@ -30,7 +30,7 @@ from .ollama_models import (ChatBody, EmbedBody, GenerateBody, OllamaChatRespons
                             OllamaEmbed, OllamaEmbedding, OllamaError, OllamaGenerateResponse, OllamaLoadedModel,
                             OllamaLoadedModels, OllamaMessage, OllamaModel, OllamaModels, OllamaRequest, OllamaShow,
                             OllamaToolCall, OllamaToolFunction, OllamaVersion)
-from .response_models import EmbeddingList, ToolCallOut
+from .response_models import EmbeddingList, Reply, ToolCallOut
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .state import app_state
 from .wire import NDJSON_HEADERS, dumps, reply, stream_response
@@ -179,7 +179,7 @@ def _tool_calls(calls: list[ToolCallOut]) -> list[OllamaToolCall]:
     return out
 
 
-def _answer(model: str, chat: bool, **fields: Any) -> OllamaChatResponse | OllamaGenerateResponse:
+def _answer(model: str, chat: bool, **fields: Any) -> Reply:
     """A chat or generate answer; ``content``, ``thinking`` and ``tool_calls``
     go into the message of a chat answer, the rest at the top."""
     inner = {k: fields.pop(k) for k in ("content", "thinking", "tool_calls") if k in fields}
@@ -192,7 +192,7 @@ def _answer(model: str, chat: bool, **fields: Any) -> OllamaChatResponse | Ollam
     return OllamaGenerateResponse(model=model, created_at=_iso(time.time()), **inner, **fields)
 
 
-def _line(obj: OllamaChatResponse | OllamaGenerateResponse | OllamaError) -> str:
+def _line(obj: Reply) -> str:
     return dumps(obj.body()) + "\n"
 
 

@@ -3,7 +3,9 @@ what the routes answer, as pydantic models (``openapi.py`` documents them)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
+
+from pydantic import create_model
 
 from .response_models import Reply, SparseReply
 from .schemas import Base
@@ -113,43 +115,24 @@ class OllamaMessage(SparseReply):
 
 
 DoneReason = Literal["stop", "length", "load"]
-# the counts of a finished answer (chat or generate): left out of the pieces of a stream
-COUNTS = frozenset({"done_reason", "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-                    "eval_count", "eval_duration"})
+# the counts of a finished answer, after ``done``: left out of the pieces of a stream
+COUNTS: dict[str, Any] = {"done_reason": (Optional[DoneReason], None), **{k: (Optional[int], None) for k in (
+    "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")}}
 
 
-class OllamaChatResponse(SparseReply):
-    """A chat answer: a piece of a stream (``done`` false), or the whole
-    answer or the stream's last piece, with the counts (``done`` true)."""
-    optional = COUNTS
-    model: str
-    created_at: str
-    message: OllamaMessage
-    done: bool = False
-    done_reason: DoneReason | None = None
-    total_duration: int | None = None
-    load_duration: int | None = None
-    prompt_eval_count: int | None = None
-    prompt_eval_duration: int | None = None
-    eval_count: int | None = None
-    eval_duration: int | None = None
+def _answer_model(name: str, doc: str, optional: frozenset[str], **body: Any) -> type[SparseReply]:
+    """A chat or generate answer: a piece of a stream (``done`` false), or the
+    whole answer or the stream's last piece, with the counts (``done`` true).
+    ``body`` holds the fields between ``created_at`` and ``done``."""
+    cls = create_model(name, __base__=SparseReply, __doc__=doc, model=(str, ...), created_at=(str, ...), **body,
+                       done=(bool, False), **COUNTS)
+    cls.optional = frozenset(COUNTS) | optional
+    return cls
 
 
-class OllamaGenerateResponse(SparseReply):
-    """A generate answer, in the pieces of ``OllamaChatResponse``."""
-    optional = COUNTS | {"thinking"}
-    model: str
-    created_at: str
-    response: str = ""
-    thinking: str | None = None
-    done: bool = False
-    done_reason: DoneReason | None = None
-    total_duration: int | None = None
-    load_duration: int | None = None
-    prompt_eval_count: int | None = None
-    prompt_eval_duration: int | None = None
-    eval_count: int | None = None
-    eval_duration: int | None = None
+OllamaChatResponse = _answer_model("OllamaChatResponse", "A chat answer.", frozenset(), message=(OllamaMessage, ...))
+OllamaGenerateResponse = _answer_model("OllamaGenerateResponse", "A generate answer.", frozenset({"thinking"}),
+                                       response=(str, ""), thinking=(Optional[str], None))
 
 
 class OllamaEmbed(Reply):
