@@ -782,7 +782,9 @@ def main(argv: list[str] | None = None) -> int:
                 res["load"] = {"error": f"{type(e).__name__}: {e}"}
         print(f"  [{time.time() - t_start:3.0f}s] concurrency: {', '.join(SERVERS)} at {STREAMS} streams ...",
               flush=True)
-        res["concurrency"] = bench_concurrency(model, home, tbest, a.concurrency_rounds, a.max_tokens, a.n_ctx, work)
+        # all cores, as the service runs by default (engine.n_threads 0): a batch needs the arithmetic
+        res["concurrency"] = bench_concurrency(model, home, max(threads), a.concurrency_rounds, a.max_tokens,
+                                               a.n_ctx, work)
         res["wall_s"] = time.time() - t_start
         text = report(res)
         print("\n" + text)
