@@ -346,6 +346,10 @@ VALID = {
     "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
     "/v1/completions": {"model": MODEL, "prompt": "hello", "max_tokens": 4},
     "/v1/embeddings": {"model": MODEL, "input": "hello"},
+    "/v1/responses": {"model": MODEL, "input": "hi", "max_output_tokens": 4},
+    "/v1/messages": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    "/api/chat": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 4}},
+    "/api/generate": {"model": MODEL, "prompt": "hello", "options": {"num_predict": 4}},
 }
 FIELDS = {
     "/v1/chat/completions": ["model", "messages", "temperature", "top_p", "n", "stream", "stream_options", "stop",
@@ -355,6 +359,12 @@ FIELDS = {
     "/v1/completions": ["model", "prompt", "suffix", "echo", "logprobs", "best_of", "max_tokens", "n", "stream",
                         "stop", "temperature", "top_p", "seed", "stream_options"],
     "/v1/embeddings": ["model", "input", "encoding_format", "dimensions", "user"],
+    "/v1/responses": ["model", "input", "instructions", "tools", "tool_choice", "text", "temperature", "top_p",
+                      "max_output_tokens", "stream", "store", "previous_response_id", "metadata", "user"],
+    "/v1/messages": ["model", "messages", "system", "max_tokens", "tools", "tool_choice", "stop_sequences",
+                     "temperature", "top_p", "top_k", "stream", "metadata", "output_config"],
+    "/api/chat": ["model", "messages", "options", "format", "stream", "tools", "think", "keep_alive"],
+    "/api/generate": ["model", "prompt", "suffix", "system", "raw", "images", "options", "format", "stream"],
 }
 POST_ROUTES = list(VALID)
 
@@ -373,9 +383,11 @@ def mutated_body(draw):
         op = draw(st.sampled_from(["set", "set", "set", "drop", "message"]))
         if op == "drop":
             body.pop(field, None)
-        elif op == "message" and route == "/v1/chat/completions":
+        elif op == "message" and "messages" in VALID[route]:
             msg = draw(st.dictionaries(st.sampled_from(["role", "content", "name", "tool_calls", "tool_call_id"]),
                                        NASTY, max_size=4))
+            if draw(st.booleans()):
+                msg["role"] = draw(st.sampled_from(["user", "assistant", "tool", "system"]))
             body["messages"] = draw(st.sampled_from([[msg], [{"role": "user", "content": "x"}, msg], msg, []]))
         else:
             body[field] = draw(NASTY)

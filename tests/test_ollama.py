@@ -123,6 +123,21 @@ def test_errors_and_auth(server):
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
 
 
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": "", "tool_calls": 5},
+    {"role": "assistant", "content": "", "tool_calls": {"function": {"name": "f"}}},
+    {"role": "assistant", "content": "", "tool_calls": [{"function": 5}]},
+    {"role": "assistant", "content": "", "tool_calls": ["x"]},
+    {"role": "user", "content": ["x"]},
+    {"role": "robot", "content": "x"},
+    "x",
+])
+def test_malformed_messages_are_400(server, message):
+    r = httpx.post(server.url + "/api/chat", headers=server.headers, timeout=30,
+                   json={"model": "tiny", "messages": [message], "stream": False})
+    assert r.status_code == 400 and isinstance(r.json()["error"], str) and r.json()["error"]
+
+
 def test_keyless_opt_in(tmp_path_factory, models_dir):
     home = make_home(tmp_path_factory, models_dir, "ollama-keyless")
     s = Server(home, api__ollama_keyless="true")

@@ -117,6 +117,8 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         if m["role"] == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise InvalidRequest(f"messages[{i}].tool_calls must be a list", param=f"messages[{i}].tool_calls")
             calls = []
             for c in m["tool_calls"]:
                 f = c.get("function") if isinstance(c, dict) else None
