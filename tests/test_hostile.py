@@ -197,6 +197,30 @@ def test_malicious_chat_template_after_restart(hostile_home):
             s.stop()
 
 
+def test_template_work_of_the_translation_layers_is_off_the_event_loop(tmp_path_factory, models_dir):
+    """The reasoning probe (a template that mentions <think> is rendered once
+    to see whether it opens it) and Anthropic's count_tokens render on the
+    preparation threads: /health keeps answering, and a broken template is a
+    400 that /health reports."""
+    home = make_home(tmp_path_factory, models_dir, "hostile-layers")
+    for name, template in (("endless-think", "{# <think> #}" + ENDLESS), ("endless-count", ENDLESS)):
+        path = write_tiny_gguf(models_dir / f"{name}.gguf", chat_template=template, name=name)
+        run_thox(home, "models", "import", str(path), "--id", name)
+    s = Server(home)
+    try:
+        hi = [{"role": "user", "content": "hi"}]
+        hostile(s, "/chat/completions", {"model": "endless-think", "messages": hi, "max_tokens": 2}, budget=16,
+                code="model_broken")
+        with HealthWatch(s) as watch:
+            r = s.post("/messages/count_tokens", {"model": "endless-count", "messages": hi}, timeout=120)
+        watch.check()
+        assert r.status_code == 400 and r.json()["type"] == "error", r.text[:300]
+        assert "chat template" in r.json()["error"]["message"]
+        assert "chat template" in (_broken(s, "endless-count") or ""), "the model is not reported broken"
+    finally:
+        s.stop()
+
+
 # -- large inputs -----------------------------------------------------------------------
 def test_two_megabyte_prompt(hserver):
     big = "a" * (2 << 20)
