@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
-from thox.engine.slots import COPY_MIN, Slot, choose_slot, common_prefix, keep_for  # noqa: E402
+from thox.engine.slots import COPY_MIN, Slot, choose_slot, common_prefix, keep_for
 
 
 def slot(seq: int, tokens: list[int], n_exact: int | None = None, last_used: float = 0.0) -> Slot:
