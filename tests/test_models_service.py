@@ -151,3 +151,56 @@ def test_memory_budget_counts_the_slots_kv_cache(home):
         assert _demo_health(s)["slots"] == 2
     finally:
         s.stop()
+
+
+
+def test_a_model_being_prepared_on_is_not_evicted(home, monkeypatch):
+    """While a request is prepared on a model off the event loop (template,
+    tokens), the model is kept: loading another model that needs its memory gets
+    503 (retry) and the keep-alive reaper passes it by, instead of freeing the
+    model under the preparation thread. The real manager, service and models."""
+    import asyncio
+    import threading
+
+    from thox.api.metrics import Metrics
+    from thox.api.service import Service
+    from thox.config import Config
+    from thox.engine.manager import ModelManager, Settings
+    from thox.errors import Overloaded
+    from thox.store.store import ModelStore
+
+    monkeypatch.setenv("THOX_HOME", str(home))
+    run_thox(home, "config", "set", "models.memory_budget", "80M")
+    run_thox(home, "config", "set", "models.keep_alive", "0")
+    cfg = Config()
+    manager = ModelManager(ModelStore(cfg.models_dir), Settings.from_config(cfg))
+    service = Service(manager, Metrics())
+
+    async def scenario() -> None:
+        w = await manager.get("tiny")
+        started, release = threading.Event(), threading.Event()
+
+        def prepare() -> list[int]:        # reads the model's vocabulary, as chat_job does
+            started.set()
+            release.wait(30)
+            return w.model.tokenize("hello world")
+
+        job = asyncio.ensure_future(service.prepare_on(w, prepare))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as e:
+            await manager.get("tiny-nofim")
+        assert e.value.retry_after >= 1 and "busy" in str(e.value)
+        await manager.reap_idle()
+        assert set(manager.workers) == {"tiny"} and not w.closed
+        release.set()
+        assert len(await job) > 0
+        await manager.reap_idle()                 # no longer in use: keep_alive 0 unloads it
+        assert manager.workers == {}
+        assert (await manager.get("tiny-nofim")).model.id == "tiny-nofim"
+        await manager.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        service.close()

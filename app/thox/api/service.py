@@ -45,6 +45,12 @@ class Service:
         """``fn(*args)`` on a preparation thread."""
         return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
+    async def prepare_on(self, w: ModelWorker, fn: Callable[..., T], *args: Any) -> T:
+        """``prepare`` for work that reads ``w``'s model (vocabulary, template):
+        the model is not evicted or unloaded until it is done."""
+        with w.held():
+            return await self.prepare(fn, *args)
+
     def close(self) -> None:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -96,7 +102,7 @@ class Service:
         prepared off the event loop. A template that cannot render marks the
         model broken, as ``/health`` shows."""
         try:
-            return await self.prepare(tr.chat_job, req, w.model)
+            return await self.prepare_on(w, tr.chat_job, req, w.model)
         except ModelBroken as e:
             self.manager.broken[req.model] = e.message
             raise
@@ -191,7 +197,7 @@ class Service:
     # -- legacy completions -------------------------------------------------------
     async def completions(self, req: CompletionRequest) -> Completion | CompletionStream:
         w = await self._worker(req.model)
-        prompts = await self.prepare(tr.completion_prompts, req, w.model)
+        prompts = await self.prepare_on(w, tr.completion_prompts, req, w.model)
         params = tr.sampling(req, req.max_tokens)
         params.logprobs = req.logprobs is not None
         params.top_logprobs = req.logprobs or 0
@@ -250,7 +256,7 @@ class Service:
     # -- embeddings -----------------------------------------------------------------------
     async def embeddings(self, req: EmbeddingRequest) -> EmbeddingList:
         w = await self._worker(req.model)
-        inputs = await self.prepare(tr.embedding_inputs, req.input, w.model)
+        inputs = await self.prepare_on(w, tr.embedding_inputs, req.input, w.model)
         vectors = await w.embed(inputs)
         n_tokens = sum(len(t) for t in inputs)
         self.metrics.prompt_tokens.labels(req.model).inc(n_tokens)

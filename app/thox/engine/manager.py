@@ -159,7 +159,7 @@ class ModelManager:
 
     async def _make_room(self, need: int, budget: int) -> None:
         while self.used_memory() + need > budget:
-            idle = [w for w in self.workers.values() if w.pending == 0]
+            idle = [w for w in self.workers.values() if not w.in_use]
             if not idle:
                 raise Overloaded("not enough memory to load another model while the loaded ones are busy; "
                                  "retry shortly", retry_after=5, code="model_too_large")
@@ -177,7 +177,7 @@ class ModelManager:
     async def reap_idle(self) -> None:
         now = time.monotonic()
         for mid, w in list(self.workers.items()):
-            if w.pending == 0 and now - w.last_used >= self.settings.keep_alive:
+            if not w.in_use and now - w.last_used >= self.settings.keep_alive:
                 await self.unload(mid)
 
     def _warm_shapes(self) -> None:

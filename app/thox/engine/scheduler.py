@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ from typing import Any, Callable
 
 from ..errors import Overloaded
 from .embedder import Embedder
+from .jobstream import JobStream, JobFailed, JobRequest
 from .model import N_BATCH, Batch, LoadedModel
 from .slots import Slot, choose_slot
 from .textstream import TextStream
@@ -47,25 +49,10 @@ from .types import Finished, GenerationJob, Piece
 
 log = logging.getLogger("thox.engine")
 
-Emit = Callable[[Any], None]
-
-
-@dataclass
-class _Failed:
-    exc: BaseException
-
-
-@dataclass
-class _Request:
-    job: GenerationJob
-    emit: Emit
-    cancel: threading.Event
-
-
 @dataclass
 class _Active:
     """A request running in a slot."""
-    req: _Request
+    req: JobRequest
     slot: Slot
     sampler: Any
     stream: TextStream
@@ -89,9 +76,10 @@ class ModelWorker:
         self.slots = [Slot(seq=i) for i in range(self.parallel)]
         self.pending = 0            # running + waiting; changed on the event loop only
         self.embed_pending = 0
+        self.holds = 0              # requests being prepared on this model (event loop only)
         self.last_used = time.monotonic()
         self.closed = False
-        self._inbox: collections.deque[_Request] = collections.deque()
+        self._inbox: collections.deque[JobRequest] = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
         self._batch = Batch(max(N_BATCH, self.parallel))
@@ -104,6 +92,21 @@ class ModelWorker:
     @property
     def busy_slots(self) -> int:
         return sum(1 for s in self.slots if s.active is not None)
+
+    @property
+    def in_use(self) -> bool:
+        """Prepared on, running, waiting or embedding: eviction skips it."""
+        return bool(self.pending or self.embed_pending or self.holds)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Keep the model loaded while a request is prepared on it off the loop."""
+        self.holds += 1
+        try:
+            yield self
+        finally:
+            self.holds -= 1
+            self.last_used = time.monotonic()
 
     def _admit(self) -> None:
         if self.closed:
@@ -129,7 +132,7 @@ class ModelWorker:
         self._admit()
         return JobStream(self, job, on_finish)
 
-    def submit(self, req: _Request) -> None:
+    def submit(self, req: JobRequest) -> None:
         with self._cond:
             self._inbox.append(req)
             self._cond.notify()
@@ -206,7 +209,7 @@ class ModelWorker:
     def _any_active(self) -> bool:
         return any(s.active is not None for s in self.slots)
 
-    def _start(self, req: _Request) -> None:
+    def _start(self, req: JobRequest) -> None:
         job, p = req.job, req.job.params
         prompt = job.prompt_tokens
         n_prompt = len(prompt)
@@ -220,7 +223,7 @@ class ModelWorker:
         try:
             sampler = self.model.make_sampler(p)
         except BaseException as e:
-            req.emit(_Failed(e))
+            req.emit(JobFailed(e))
             return
         idle = [s for s in self.slots if s.active is None]
         choice = choose_slot(idle, prompt)
@@ -354,14 +357,14 @@ class ModelWorker:
             a.slot.tokens.clear()
             a.slot.n_exact = 0
             self._release_slot(a)
-            a.req.emit(_Failed(exc))
+            a.req.emit(JobFailed(exc))
 
     def _fail_all(self, exc: BaseException) -> None:
         for s in self.slots:
             a = s.active
             if a is not None:
                 self._release_slot(a)
-                a.req.emit(_Failed(exc))
+                a.req.emit(JobFailed(exc))
 
     def _shutdown(self) -> None:
         """The loop ends (model unloading): whatever still runs or waits is cancelled."""
@@ -373,68 +376,3 @@ class ModelWorker:
             rest, self._inbox = list(self._inbox), collections.deque()
         for req in rest:
             req.emit(Finished("cancelled", len(req.job.prompt_tokens), 0))
-
-
-class JobStream:
-    """One admitted job. Iterating runs it on the model's decode loop; closing
-    it (or dropping it, even unstarted) cancels the job and frees its place."""
-
-    def __init__(self, worker: ModelWorker, job: GenerationJob,
-                 on_finish: Callable[[Finished, float], None] | None = None):
-        self._worker = worker
-        self._job = job
-        self._on_finish = on_finish
-        self.admitted_at = time.monotonic()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._cancel = threading.Event()
-        self._started = False
-        self._done = False
-
-    def __aiter__(self) -> "JobStream":
-        return self
-
-    def _start(self) -> None:
-        self._started = True
-        loop = asyncio.get_running_loop()
-        queue, on_finish, admitted = self._queue, self._on_finish, self.admitted_at
-
-        def emit(ev: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, ev)
-                if on_finish is not None and isinstance(ev, Finished):
-                    loop.call_soon_threadsafe(on_finish, ev, admitted)
-            except RuntimeError:    # the event loop is gone (shutting down)
-                pass
-
-        self._worker.submit(_Request(self._job, emit, self._cancel))
-
-    async def __anext__(self) -> Piece | Finished:
-        if self._done:
-            raise StopAsyncIteration
-        if not self._started:
-            self._start()
-        try:
-            ev = await self._queue.get()
-        except BaseException:
-            self.close()
-            raise
-        if isinstance(ev, _Failed):
-            self.close()
-            raise ev.exc
-        if isinstance(ev, Finished):
-            self.close()
-        return ev
-
-    def close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._cancel.set()
-            self._worker._release()
-
-    async def aclose(self) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not self._done:
-            self._cancel.set()
-            self._worker.pending -= 1
