@@ -252,10 +252,37 @@ def test_long_prompts_are_tokenized_off_the_loop(wide_server):
             code="context_length_exceeded", param="input")
 
 
-def test_many_messages(hserver):
-    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hello"} for i in range(150_000)]
-    hostile(hserver, "/chat/completions", chat(messages=msgs), budget=10,
-            code="context_length_exceeded", param="messages")
+MANY = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hello"} for i in range(150_000)]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/chat/completions", chat(messages=MANY), "messages"),
+    ("/responses", {"model": "tiny", "input": MANY}, "input"),
+], ids=["chat", "responses"])
+def test_many_messages(hserver, path, body, param):
+    """150,000 messages are counted, not validated one by one (which holds the
+    interpreter lock for a second): a 400 at once, and /health never stalls."""
+    r = hostile(hserver, path, body, budget=2.0, status=400, param=param)
+    assert "at most 20000 messages per request, got 150000" in r.text, r.text[:300]
+
+
+@pytest.mark.parametrize("url,body", [
+    ("/v1/messages", {"model": "tiny", "max_tokens": 4, "messages": MANY}),
+    ("/api/chat", {"model": "tiny", "messages": MANY, "stream": False}),
+], ids=["anthropic", "ollama"])
+def test_many_messages_other_protocols(hserver, url, body):
+    """The same bound on the Anthropic and Ollama routes, whose bodies are also
+    validated off the event loop; their own error shapes."""
+    pid = hserver.proc.pid
+    with HealthWatch(hserver) as watch:
+        t0 = time.monotonic()
+        r = httpx.post(hserver.url + url, json=body, headers={"Authorization": f"Bearer {hserver.key}"},
+                       timeout=60)
+        took = time.monotonic() - t0
+    assert r.status_code == 400 and "at most 20000 messages per request" in r.text, r.text[:300]
+    assert took < 2.0, f"answered after {took:.2f}s"
+    watch.check()
+    assert hserver.proc.poll() is None and hserver.proc.pid == pid
 
 
 def test_large_bodies_are_parsed_off_the_loop(hserver):

@@ -21,7 +21,7 @@ from . import chatbridge
 from .body import json_body
 from .chatbridge import ChatResult, Event
 from .response_models import Reply, ToolCallOut
-from .schemas import Base, ChatCompletionRequest, Probability, Temperature, TokenCount
+from .schemas import Base, ChatCompletionRequest, MessageCount, Probability, Temperature, TokenCount
 from .state import app_state
 from .wire import reply, sse_event, stream_response
 
@@ -62,7 +62,7 @@ class MessageParam(Base):
 
 class CountTokensRequest(Base):
     model: Annotated[str, Field(min_length=1)]
-    messages: Annotated[list[MessageParam], Field(min_length=1)]
+    messages: Annotated[list[MessageParam], Field(min_length=1), MessageCount]
     system: Union[str, list[dict[str, Any]], None] = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: ToolChoice | None = None
@@ -356,7 +356,7 @@ def anthropic_error(resp: Response, body: dict[str, Any]) -> AnthropicError:
 def register(app: Quart) -> None:
     @app.post(PREFIX)
     async def create_message():
-        req = MessagesRequest.model_validate(await json_body())
+        req = await json_body(MessagesRequest)
         chat = chat_request(req)
         mid = _id("msg")
         service = app_state().service
@@ -368,7 +368,7 @@ def register(app: Quart) -> None:
 
     @app.post(PREFIX + "/count_tokens")
     async def count_tokens():
-        req = CountTokensRequest.model_validate(await json_body())
+        req = await json_body(CountTokensRequest)
         return reply(MessageTokensCount(input_tokens=await app_state().service.count_prompt(chat_request(req))))
 
     @app.after_request

@@ -241,7 +241,7 @@ def register(app: Quart) -> None:
 
     @app.post("/api/show")
     async def ollama_show():
-        body = OllamaRequest.model_validate(await json_body())
+        body = await json_body(OllamaRequest)
         manager = app_state().manager
         m = manager.manifest(resolve(body.model_name))
         n_ctx = modelinfo.context_length(manager, m)
@@ -253,7 +253,7 @@ def register(app: Quart) -> None:
     @app.post("/api/chat")
     async def ollama_chat():
         t0 = time.monotonic()
-        body = ChatBody.model_validate(await json_body())
+        body = await json_body(ChatBody)
         if not body.messages:           # Ollama loads the model and answers at once
             model = resolve(body.model_name)
             await app_state().manager.get(model)
@@ -267,7 +267,7 @@ def register(app: Quart) -> None:
     @app.post("/api/generate")
     async def ollama_generate():
         t0 = time.monotonic()
-        body = GenerateBody.model_validate(await json_body())
+        body = await json_body(GenerateBody)
         model = resolve(body.model_name)
         if body.images:
             raise InvalidRequest("images are not supported by this model", param="images")
@@ -306,7 +306,7 @@ def register(app: Quart) -> None:
 
     @app.post("/api/embed")
     async def ollama_embed():
-        body = EmbedBody.model_validate(await json_body())
+        body = await json_body(EmbedBody)
         if body.input is None:
             raise InvalidRequest("input is required", param="input")
         out, t0 = await _embed(body, body.input)
@@ -316,7 +316,7 @@ def register(app: Quart) -> None:
 
     @app.post("/api/embeddings")
     async def ollama_embeddings():
-        body = EmbedBody.model_validate(await json_body())
+        body = await json_body(EmbedBody)
         if not body.prompt:
             raise InvalidRequest("prompt is required", param="prompt")
         out, _ = await _embed(body, body.prompt)

@@ -3,12 +3,12 @@ what the routes answer, as pydantic models (``openapi.py`` documents them)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import create_model
 
 from .response_models import Reply, SparseReply
-from .schemas import Base
+from .schemas import Base, MessageCount
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -27,7 +27,7 @@ class OllamaRequest(Base):
 
 
 class ChatBody(OllamaRequest):
-    messages: list[dict[str, Any]] = []
+    messages: Annotated[list[dict[str, Any]], MessageCount] = []
     tools: list[dict[str, Any]] | None = None
 
 

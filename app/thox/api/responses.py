@@ -25,7 +25,7 @@ from .response_models import (DeletedResponse, FunctionCallItem, IncompleteDetai
                               ResponseError, ResponseFunctionTool, ResponseObject, ResponseStatus,
                               ResponseTextConfig, ResponseUsage, ToolCallOut)
 from .response_store import ResponseStore
-from .schemas import Base, ChatCompletionRequest, FunctionDef, Probability, Temperature, TokenCount
+from .schemas import Base, ChatCompletionRequest, FunctionDef, MessageCount, Probability, Temperature, TokenCount
 from .state import app_state
 from .wire import reply, sse_event, stream_response
 
@@ -54,7 +54,7 @@ class TextConfig(Base):
 
 class ResponsesRequest(Base):
     model: Annotated[str, Field(min_length=1)]
-    input: Union[str, list[dict[str, Any]]]
+    input: Annotated[Union[str, list[dict[str, Any]]], MessageCount]
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedFunction, None] = None
@@ -362,7 +362,7 @@ class Turn:
 def register(app: Quart) -> None:
     @app.post("/v1/responses")
     async def create_response():
-        req = ResponsesRequest.model_validate(await json_body())
+        req = await json_body(ResponsesRequest)
         turn = Turn(req, app_state().responses)
         if req.stream:
             return stream_response(turn.events(await chatbridge.open_stream(app_state().service, turn.chat)))

@@ -5,12 +5,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 8
 MAX_TOKENS = 1 << 20
 MAX_PROMPTS = 64  # prompts in one legacy completion request
 MAX_INPUTS = 2048  # inputs in one embeddings request
+# messages (or input items) in one chat-style request: counted before any is
+# validated, so one request cannot hold the interpreter lock for long
+MAX_MESSAGES = 20_000
+
+
+def at_most(limit: int, what: str) -> BeforeValidator:
+    """A list of more than ``limit`` items is refused before its items are validated."""
+    def check(v: Any) -> Any:
+        if isinstance(v, list) and len(v) > limit:
+            raise ValueError(f"at most {limit} {what} per request, got {len(v)}")
+        return v
+    return BeforeValidator(check)
+
+
+MessageCount = at_most(MAX_MESSAGES, "messages")
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -142,7 +157,7 @@ class SamplingFields(Base):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[Message], Field(min_length=1, fail_fast=True)]
+    messages: Annotated[list[Message], Field(min_length=1, fail_fast=True), MessageCount]
     max_completion_tokens: TokenCount | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None

@@ -8,12 +8,9 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from .types import Finished, GenerationJob, Piece
-
-if TYPE_CHECKING:
-    from .scheduler import ModelWorker
 
 Emit = Callable[[Any], None]
 
@@ -30,11 +27,19 @@ class JobRequest:
     cancel: threading.Event
 
 
+class Worker(Protocol):
+    """What a stream needs of its model's worker (scheduler.ModelWorker)."""
+    pending: int
+
+    def submit(self, req: JobRequest) -> None: ...
+    def _release(self) -> None: ...
+
+
 class JobStream:
     """One admitted job. Iterating runs it on the model's decode loop; closing
     it (or dropping it, even unstarted) cancels the job and frees its place."""
 
-    def __init__(self, worker: "ModelWorker", job: GenerationJob,
+    def __init__(self, worker: Worker, job: GenerationJob,
                  on_finish: Callable[[Finished, float], None] | None = None):
         self._worker = worker
         self._job = job
