@@ -18,6 +18,7 @@ import re
 import sys
 from typing import Any
 
+from ..engine import llama
 from ..errors import InvalidRequest
 
 MAX_REPEAT = 1000            # any one repetition count
@@ -75,7 +76,6 @@ class _OutOfSteps(BaseException):
 
 
 def _convert(schema: dict[str, Any]) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
     steps = [MAX_CONVERT_STEPS]
 
     def trace(frame, event, arg):  # noqa: ARG001 - sys.settrace signature
@@ -87,7 +87,7 @@ def _convert(schema: dict[str, Any]) -> str:
     previous = sys.gettrace()
     sys.settrace(trace)
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return llama.json_schema_to_gbnf(json.dumps(schema))
     finally:
         sys.settrace(previous)
 
@@ -129,8 +129,7 @@ def check_grammar_size(grammar: str, param: str) -> None:
 
 
 def json_object_grammar() -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF
-    return JSON_GBNF
+    return llama.json_gbnf()
 
 
 def tool_call_grammar(tools: list[tuple[int, dict[str, Any]]]) -> str:

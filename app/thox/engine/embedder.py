@@ -22,6 +22,8 @@ import threading
 import numpy as np
 
 from ..errors import ModelBroken
+from . import llama
+from .llama import lib
 from .model import Batch, LoadedModel, embed_ctx
 
 
@@ -39,13 +41,11 @@ class Embedder:
             c = self._cancel
             return bool(c is not None and c.is_set())
 
-        import llama_cpp
-        self._abort_cb = llama_cpp.ggml_abort_callback(_abort)
+        self._abort_cb = lib().ggml_abort_callback(_abort)
 
     def _context(self):
         if self._ctx is None:
-            import llama_cpp
-            from llama_cpp import _internals
+            llama_cpp = lib()
             m = self.model
             p = llama_cpp.llama_context_default_params()
             p.n_ctx = self.n_ctx
@@ -58,21 +58,21 @@ class Embedder:
             p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
             p.no_perf = True
             try:
-                self._ctx = _internals.LlamaContext(model=m._model, params=p, verbose=False)
+                self._ctx = llama.Context(m.handle, p)
             except (ValueError, RuntimeError) as e:
                 raise ModelBroken(f"model '{m.id}' cannot make embeddings: {e}") from None
-            llama_cpp.llama_set_abort_callback(self._ctx.ctx, self._abort_cb, ctypes.c_void_p(0))
+            llama_cpp.llama_set_abort_callback(self._ctx.ptr, self._abort_cb, ctypes.c_void_p(0))
             self._batch = Batch(self.chunk)
-            self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+            self._mem = llama_cpp.llama_get_memory(self._ctx.ptr)
         return self._ctx
 
     def embed(self, inputs: list[list[int]], cancel: threading.Event) -> list[np.ndarray]:
         """Unit-length mean-pooled vectors, one per input; stops early (fewer
         vectors) when ``cancel`` is set."""
-        import llama_cpp
+        llama_cpp = lib()
         with self._lock:
             ctx = self._context()
-            n_embd = llama_cpp.llama_model_n_embd(self.model._model.model)
+            n_embd = llama_cpp.llama_model_n_embd(self.model.handle.ptr)
             self._cancel = cancel
             out: list[np.ndarray] = []
             try:
@@ -89,12 +89,12 @@ class Embedder:
                         for i, t in enumerate(chunk):
                             self._batch.add(t, at + i, 0, True)
                         self._batch.b.n_tokens = self._batch.n
-                        rc = llama_cpp.llama_decode(ctx.ctx, self._batch.b)
+                        rc = llama_cpp.llama_decode(ctx.ptr, self._batch.b)
                         if rc != 0:
                             if cancel.is_set():
                                 return out
                             raise RuntimeError(f"llama_decode failed ({rc}) while embedding")
-                        ptr = llama_cpp.llama_get_embeddings_seq(ctx.ctx, 0)
+                        ptr = llama_cpp.llama_get_embeddings_seq(ctx.ptr, 0)
                         total += np.array(ptr[:n_embd], dtype=np.float64) * len(chunk)
                     v = (total / max(1, len(toks))).astype(np.float32)
                     norm = float(np.linalg.norm(v))

@@ -1,5 +1,6 @@
 """One loaded GGUF model: its weights, tokenizer, generation context and
-embedding context, on llama.cpp's low-level API (llama_cpp bindings).
+embedding context, on llama.cpp's low-level API (through ``llama.py``, the
+one module that knows how llama-cpp-python is laid out).
 
 The generation context holds ``parallel`` sequences, one per slot, each with
 its own KV stream of ``n_ctx`` tokens (non-unified KV cache: a sequence's
@@ -23,6 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InvalidRequest, ModelBroken
+from . import llama
+from .llama import lib
 from .types import SamplingParams, TokenLogprob
 
 log = logging.getLogger("thox.engine")
@@ -40,7 +43,7 @@ def embed_ctx(n_ctx: int) -> int:
 
 def _quiet_llama_logs() -> None:
     """Route llama.cpp's C logging to nowhere unless THOX_DEBUG_LLAMA is set."""
-    import llama_cpp
+    llama_cpp = lib()
     if os.environ.get("THOX_DEBUG_LLAMA") or getattr(_quiet_llama_logs, "cb", None):
         return
 
@@ -136,7 +139,7 @@ class Batch:
     """A reusable llama_batch of up to ``capacity`` tokens, one sequence each."""
 
     def __init__(self, capacity: int):
-        import llama_cpp
+        llama_cpp = lib()
         self._lc = llama_cpp
         self.capacity = capacity
         self.b = llama_cpp.llama_batch_init(capacity, 0, 1)
@@ -164,8 +167,7 @@ class Batch:
 class LoadedModel:
     def __init__(self, model_id: str, path: Path, *, n_ctx: int = 4096, n_threads: int = 0,
                  n_gpu_layers: int = -1, parallel: int = 1):
-        import llama_cpp
-        from llama_cpp import _internals
+        llama_cpp = lib()
         _quiet_llama_logs()
         self._lc = llama_cpp
         self.id = model_id
@@ -175,17 +177,15 @@ class LoadedModel:
         self.n_threads_batch = max(1, os.cpu_count() or 1)
         self.n_gpu_layers = n_gpu_layers
         t0 = time.monotonic()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
         try:
-            self._model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+            self.handle = llama.Model(str(path), n_gpu_layers)
         except (ValueError, RuntimeError, OSError) as e:
             raise ModelBroken(f"model '{model_id}' cannot be loaded: {e}") from None
-        m = self._model.model
-        self._vocab = self._model.vocab
+        m = self.handle.ptr
+        self._vocab = self.handle.vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.n_ctx = int(n_ctx) or int(llama_cpp.llama_model_n_ctx_train(m))
-        meta = self._model.metadata()
+        meta = self.handle.metadata()
         arch = meta.get("general.architecture", "")
         self.shape = Shape(n_layer=int(llama_cpp.llama_model_n_layer(m)), n_head=int(llama_cpp.llama_model_n_head(m)),
                            n_head_kv=int(llama_cpp.llama_model_n_head_kv(m)),
@@ -202,11 +202,11 @@ class LoadedModel:
         cparams.embeddings = False
         cparams.no_perf = True
         try:
-            self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=False)
+            self._ctx = llama.Context(self.handle, cparams)
         except (ValueError, RuntimeError) as e:
-            self._model.close()
+            self.handle.close()
             raise ModelBroken(f"model '{model_id}' cannot be loaded: {e}") from None
-        self.ctx = self._ctx.ctx
+        self.ctx = self._ctx.ptr
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.load_seconds = time.monotonic() - t0
         self.metadata: dict[str, str] = dict(meta)
@@ -302,7 +302,7 @@ class LoadedModel:
     @property
     def memory_bytes(self) -> int:
         try:
-            return int(self._lc.llama_model_size(self._model.model))
+            return int(self._lc.llama_model_size(self.handle.ptr))
         except Exception:  # pragma: no cover - informational only
             return self.path.stat().st_size
 
@@ -399,7 +399,7 @@ class LoadedModel:
         emb, self.embedder = self.embedder, None
         if emb is not None:
             emb.close()
-        for obj in (getattr(self, "_ctx", None), getattr(self, "_model", None)):
+        for obj in (getattr(self, "_ctx", None), getattr(self, "handle", None)):
             if obj is not None:
                 try:
                     obj.close()
