@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinymodel import _byte_tokens
+from tinymodel import _byte_tokens, llama_writer, write_llama_tensors
 
 OPEN_TEMPLATE = (
     "{# a reasoning model: it thinks in <think> tags #}"
@@ -51,43 +51,14 @@ def write_think_gguf(path: Path | str, *, forced_open: bool = False) -> Path:
     for tok in range(n_vocab):
         out[follows.get(tok, tid["<|im_end|>"]), tok] = 1.0
 
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("think-test")
-    w.add_context_length(2048)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(1)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head)
-    w.add_rope_dimension_count(n_embd // n_head)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_file_type(0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(toktypes)
-    w.add_token_merges(["Ġ t"])
-    w.add_bos_token_id(tid["<|endoftext|>"])
-    w.add_eos_token_id(tid["<|im_end|>"])
-    w.add_add_bos_token(False)
+    w = llama_writer(path, name="think-test", n_ctx=2048, n_embd=n_embd, n_layer=1, n_ff=n_ff,
+                     n_head=n_head, rms_eps=1e-6, tokens=tokens, toktypes=toktypes, merges=["Ġ t"],
+                     bos=tid["<|endoftext|>"], eos=tid["<|im_end|>"])
     w.add_chat_template(FORCED_TEMPLATE if forced_open else OPEN_TEMPLATE)
-
-    zeros = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
-    w.add_tensor("token_embd.weight", np.eye(n_vocab, n_embd, dtype=np.float32))
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-        w.add_tensor(f"blk.0.{name}.weight", zeros(n_embd, n_embd))
-    w.add_tensor("blk.0.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("blk.0.ffn_gate.weight", zeros(n_ff, n_embd))
-    w.add_tensor("blk.0.ffn_up.weight", zeros(n_ff, n_embd))
-    w.add_tensor("blk.0.ffn_down.weight", zeros(n_embd, n_ff))
-    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("output.weight", out * 4.0)
-
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_llama_tensors(w, n_layer=1, n_embd=n_embd, n_ff=n_ff,
+                        token_embd=lambda: np.eye(n_vocab, n_embd, dtype=np.float32),
+                        matrix=lambda *shape: np.zeros(shape, dtype=np.float32),
+                        output=lambda: out * 4.0)
     return path
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import gguf
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
@@ -37,6 +41,58 @@ def _byte_tokens() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
+def llama_writer(path: Path, *, name: str, n_ctx: int, n_embd: int, n_layer: int, n_ff: int,
+                 n_head: int, rms_eps: float, tokens: list[str], toktypes: list, merges: list[str],
+                 bos: int, eos: int) -> gguf.GGUFWriter:
+    """A GGUF writer for a llama model with a GPT-2 style BPE vocabulary, its metadata added
+    (the caller may add more keys, then calls write_llama_tensors)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(rms_eps)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(toktypes)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+    return w
+
+
+def write_llama_tensors(w: gguf.GGUFWriter, *, n_layer: int, n_embd: int, n_ff: int,
+                        token_embd: Callable[[], np.ndarray], matrix: Callable[..., np.ndarray],
+                        output: Callable[[], np.ndarray]) -> None:
+    """Add a llama model's tensors (norms all ones; ``matrix(rows, cols)`` gives each weight
+    matrix of the blocks, called in file order) and write the file out."""
+    ones = np.ones(n_embd, dtype=np.float32)
+    w.add_tensor("token_embd.weight", token_embd())
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{part}.weight", matrix(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", matrix(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", matrix(n_embd, n_ff))
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", output())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_tiny_gguf(path: Path | str, *, fim: bool = True, chat_template: bool | str = True,
                     n_embd: int = 64, n_layer: int = 2, n_ctx: int = 2048, seed: int = 0,
                     name: str = "tiny-test") -> Path:
@@ -54,25 +110,10 @@ def write_tiny_gguf(path: Path | str, *, fim: bool = True, chat_template: bool |
     sid = {t: n_normal + i for i, t in enumerate(specials)}
     n_head, n_ff = 4, 128
 
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(name)
-    w.add_context_length(n_ctx)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head)
-    w.add_rope_dimension_count(n_embd // n_head)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(toktypes)
-    w.add_token_merges([f"{a} {b}" for a, b in pairs])
-    w.add_bos_token_id(sid["<|endoftext|>"])
-    w.add_eos_token_id(sid["<|im_end|>"])
-    w.add_add_bos_token(False)
+    w = llama_writer(path, name=name, n_ctx=n_ctx, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                     n_head=n_head, rms_eps=1e-5, tokens=tokens, toktypes=toktypes,
+                     merges=[f"{a} {b}" for a, b in pairs], bos=sid["<|endoftext|>"],
+                     eos=sid["<|im_end|>"])
     if fim:
         w.add_uint32("tokenizer.ggml.fim_pre_token_id", sid["<|fim_prefix|>"])
         w.add_uint32("tokenizer.ggml.fim_suf_token_id", sid["<|fim_suffix|>"])
@@ -80,27 +121,12 @@ def write_tiny_gguf(path: Path | str, *, fim: bool = True, chat_template: bool |
     if chat_template:  # True: ChatML; a string: that template
         w.add_chat_template(CHATML if chat_template is True else chat_template)
 
-    def t(name: str, *shape: int, scale: float = 0.2) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+    def random(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    t("token_embd.weight", n_vocab, n_embd, scale=1.0)
-    for i in range(n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        t(f"blk.{i}.attn_q.weight", n_embd, n_embd)
-        t(f"blk.{i}.attn_k.weight", n_embd, n_embd)
-        t(f"blk.{i}.attn_v.weight", n_embd, n_embd)
-        t(f"blk.{i}.attn_output.weight", n_embd, n_embd)
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
-        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
-        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
-    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    t("output.weight", n_vocab, n_embd, scale=1.0)
-
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_llama_tensors(w, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff,
+                        token_embd=lambda: random(n_vocab, n_embd, scale=1.0), matrix=random,
+                        output=lambda: random(n_vocab, n_embd, scale=1.0))
     return path
 
 
