@@ -14,12 +14,13 @@ import secrets
 from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
-from quart import Quart, Response, request
+from quart import Quart
 
 from ..errors import InvalidRequest
 from . import chatbridge
 from .body import json_body
 from .chatbridge import ChatResult, Event
+from .errors import restyle_errors
 from .response_models import Reply, ToolCallOut
 from .schemas import Base, ChatCompletionRequest, MessageCount, Probability, Temperature, TokenCount
 from .state import app_state
@@ -346,10 +347,9 @@ async def stream_events(mid: str, model: str, source: AsyncIterator[Event], inpu
 
 
 # -- errors in Anthropic's shape -------------------------------------------------------------
-def anthropic_error(resp: Response, body: dict[str, Any]) -> AnthropicError:
-    err = body.get("error") or {}
-    return AnthropicError(error=AnthropicErrorDetail(type=ERROR_TYPES.get(resp.status_code, "api_error"),
-                                                     message=err.get("message") or ""))
+def anthropic_error(status: int, error: dict[str, Any]) -> AnthropicError:
+    return AnthropicError(error=AnthropicErrorDetail(type=ERROR_TYPES.get(status, "api_error"),
+                                                     message=error.get("message") or ""))
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -371,11 +371,4 @@ def register(app: Quart) -> None:
         req = await json_body(CountTokensRequest)
         return reply(MessageTokensCount(input_tokens=await app_state().service.count_prompt(chat_request(req))))
 
-    @app.after_request
-    async def _anthropic_errors(resp: Response) -> Response:
-        if not request.path.startswith(PREFIX) or resp.status_code < 400 or resp.mimetype != "application/json":
-            return resp
-        body = await resp.get_json(force=True, silent=True)
-        if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            resp.set_data(json.dumps(anthropic_error(resp, body).body(), ensure_ascii=False))
-        return resp
+    restyle_errors(app, PREFIX, anthropic_error)

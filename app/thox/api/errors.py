@@ -4,15 +4,16 @@ by ``install``; routes just raise."""
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ValidationError
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ..errors import ThoxError
-from .response_models import ErrorDetail, ErrorResponse
+from .response_models import ErrorDetail, ErrorResponse, Reply
 
 log = logging.getLogger("thox.api")
 
@@ -37,6 +38,18 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
         resp.headers[k] = v
     return resp
 
+
+def restyle_errors(app: Quart, prefix: str, restyle: Callable[[int, dict[str, Any]], Reply]) -> None:
+    """Answer the errors of the routes under ``prefix`` in another API's shape: ``restyle(status,
+    error)`` turns the OpenAI error object of a JSON error response into that API's body."""
+    @app.after_request
+    async def _restyle(resp: Response) -> Response:
+        if not request.path.startswith(prefix) or resp.status_code < 400 or resp.mimetype != "application/json":
+            return resp
+        body = await resp.get_json(force=True, silent=True)
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            resp.set_data(json.dumps(restyle(resp.status_code, body["error"]).body(), ensure_ascii=False))
+        return resp
 
 def _loc(loc: tuple) -> str:
     out = ""

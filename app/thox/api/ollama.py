@@ -19,13 +19,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
-from quart import Quart, Response, request
+from quart import Quart, Response
 
 from ..errors import InvalidRequest
 from ..store.store import Manifest
 from . import chatbridge, modelinfo
 from .body import json_body
 from .chatbridge import ChatResult, Event
+from .errors import restyle_errors
 from .ollama_models import (ChatBody, EmbedBody, GenerateBody, OllamaChatResponse, OllamaDetails,
                             OllamaEmbed, OllamaEmbedding, OllamaError, OllamaGenerateResponse, OllamaLoadedModel,
                             OllamaLoadedModels, OllamaMessage, OllamaModel, OllamaModels, OllamaRequest, OllamaShow,
@@ -322,12 +323,4 @@ def register(app: Quart) -> None:
         out, _ = await _embed(body, body.prompt)
         return reply(OllamaEmbedding.model_construct(embedding=out.data[0].embedding))
 
-    @app.after_request
-    async def _ollama_errors(resp: Response) -> Response:
-        if not request.path.startswith(PREFIX) or resp.status_code < 400 or resp.mimetype != "application/json":
-            return resp
-        body = await resp.get_json(force=True, silent=True)
-        if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            resp.set_data(json.dumps(OllamaError(error=body["error"].get("message") or "").body(), ensure_ascii=False))
-        return resp
-
+    restyle_errors(app, PREFIX, lambda status, error: OllamaError(error=error.get("message") or ""))
