@@ -16,10 +16,11 @@ MAX_INPUTS = 2048  # inputs in one embeddings request
 MAX_MESSAGES = 20_000
 
 
-def at_most(limit: int, what: str) -> BeforeValidator:
-    """A list of more than ``limit`` items is refused before its items are validated."""
+def at_most(limit: int, what: str, *, token_ids: bool = False) -> BeforeValidator:
+    """A list of more than ``limit`` items is refused before its items are validated (with
+    ``token_ids``, a list of integers is one item: a prompt of token ids)."""
     def check(v: Any) -> Any:
-        if isinstance(v, list) and len(v) > limit:
+        if isinstance(v, list) and len(v) > limit and not (token_ids and all(type(x) is int for x in v)):
             raise ValueError(f"at most {limit} {what} per request, got {len(v)}")
         return v
     return BeforeValidator(check)
@@ -184,10 +185,11 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # fail_fast: a long list with a bad item gets one error, not one per item
-PromptParam = Union[str, Annotated[list[str], Field(max_length=MAX_PROMPTS, fail_fast=True)],
-                    Annotated[list[TokenId], Field(min_length=1, fail_fast=True)],
-                    Annotated[list[Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]],
-                              Field(max_length=MAX_PROMPTS, fail_fast=True)]]
+PromptParam = Annotated[Union[str, Annotated[list[str], Field(max_length=MAX_PROMPTS, fail_fast=True)],
+                              Annotated[list[TokenId], Field(min_length=1, fail_fast=True)],
+                              Annotated[list[Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]],
+                                        Field(max_length=MAX_PROMPTS, fail_fast=True)]],
+                        at_most(MAX_PROMPTS, "prompts", token_ids=True)]
 
 
 class CompletionRequest(SamplingFields):
@@ -198,13 +200,6 @@ class CompletionRequest(SamplingFields):
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = 16
 
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _few_prompts(cls, v: Any) -> Any:
-        if isinstance(v, list) and len(v) > MAX_PROMPTS and not all(type(x) is int for x in v):
-            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
-        return v
-
     @field_validator("prompt")
     @classmethod
     def _nonempty(cls, v: Any) -> Any:
@@ -213,24 +208,18 @@ class CompletionRequest(SamplingFields):
         return v
 
 
-EmbeddingInput = Union[Annotated[str, Field(min_length=1)],
-                       Annotated[list[Annotated[str, Field(min_length=1)]],
-                                 Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)],
-                       Annotated[list[TokenId], Field(min_length=1, fail_fast=True)],
-                       Annotated[list[Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]],
-                                 Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)]]
+EmbeddingInput = Annotated[Union[Annotated[str, Field(min_length=1)],
+                                 Annotated[list[Annotated[str, Field(min_length=1)]],
+                                           Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)],
+                                 Annotated[list[TokenId], Field(min_length=1, fail_fast=True)],
+                                 Annotated[list[Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]],
+                                           Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)]],
+                           at_most(MAX_INPUTS, "inputs", token_ids=True)]
 
 
 class EmbeddingRequest(Base):
     model: Annotated[str, Field(min_length=1)]
     input: EmbeddingInput
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _few_inputs(cls, v: Any) -> Any:
-        if isinstance(v, list) and len(v) > MAX_INPUTS and not all(type(x) is int for x in v):
-            raise ValueError(f"at most {MAX_INPUTS} inputs per request, got {len(v)}")
-        return v
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
