@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import json
 import threading
 import time
+from typing import Iterator
 
 import httpx
 import pytest
@@ -18,12 +19,16 @@ LONG = {"model": "thox-demo", "messages": [{"role": "user", "content": "Tell me 
         "max_tokens": 120, "temperature": 1.0, "stream": True}
 
 
-@pytest.fixture(scope="module")
-def small_queue(tmp_path_factory, models_dir):
-    home = make_home(tmp_path_factory, models_dir, "queue", demo=True)
-    s = Server(home, engine__parallel="2", api__queue_size="1")
+def _demo_server(tmp_path_factory, models_dir, name: str, parallel: int, queue_size: int) -> Iterator[Server]:
+    home = make_home(tmp_path_factory, models_dir, name, demo=True)
+    s = Server(home, engine__parallel=str(parallel), api__queue_size=str(queue_size))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def small_queue(tmp_path_factory, models_dir):
+    yield from _demo_server(tmp_path_factory, models_dir, "queue", parallel=2, queue_size=1)
 
 
 def metric(server: Server, name: str) -> float:
@@ -111,10 +116,7 @@ STORY = ["Write a long story about a lighthouse keeper.", "Describe a walk throu
 
 @pytest.fixture(scope="module")
 def slots(tmp_path_factory, models_dir):
-    home = make_home(tmp_path_factory, models_dir, "slots", demo=True)
-    s = Server(home, engine__parallel="4", api__queue_size="4")
-    yield s
-    s.stop()
+    yield from _demo_server(tmp_path_factory, models_dir, "slots", parallel=4, queue_size=4)
 
 
 def _msgs(text: str) -> list[dict]:
