@@ -15,7 +15,7 @@ import pytest
 from thox.errors import InvalidRequest, ModelBroken
 from thox.store import ModelStore
 from thox.store.gguf_meta import read_metadata
-from thox.store.store import MODEL_ID_RE, validate_model_id
+from thox.store.store import MODEL_ID_RE, Manifest, validate_model_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,13 +134,20 @@ def _staged(store: ModelStore, src: Path, model_id: str) -> Path:
     return stage
 
 
-def test_recover_after_old_renamed_away(tmp_path, two_versions):
-    """Crash between steps 2 and 3: no <id>, a whole .old-<id>, a whole staging dir."""
+def _mid_replace(tmp_path: Path, two_versions: tuple[Path, Path]) -> tuple[ModelStore, Manifest, Path]:
+    """A store caught replacing model "m" after step 2: the old copy renamed to .old-m, the new one
+    staged; returns the store, the old manifest and the staging directory."""
     old_src, new_src = two_versions
     store = ModelStore(tmp_path / "models")
     old = store.import_file(old_src, "m")
     stage = _staged(store, new_src, "m")
     os.replace(store.root / "m", store.root / ".old-m")
+    return store, old, stage
+
+
+def test_recover_after_old_renamed_away(tmp_path, two_versions):
+    """Crash between steps 2 and 3: no <id>, a whole .old-<id>, a whole staging dir."""
+    store, old, stage = _mid_replace(tmp_path, two_versions)
     assert [m.id for m in store.list()] == []
     store.cleanup_staging()
     assert whole_models(store) == {"m": old.sha256}
@@ -158,11 +165,7 @@ def test_reader_recovers_without_a_restart(tmp_path, two_versions):
 
 def test_recover_after_new_renamed_in(tmp_path, two_versions):
     """Crash between steps 3 and 4: the new <id> is whole, .old-<id> is left over."""
-    old_src, new_src = two_versions
-    store = ModelStore(tmp_path / "models")
-    store.import_file(old_src, "m")
-    stage = _staged(store, new_src, "m")
-    os.replace(store.root / "m", store.root / ".old-m")
+    store, _, stage = _mid_replace(tmp_path, two_versions)
     os.replace(stage, store.root / "m")
     new_sha = store.get("m").sha256
     store.cleanup_staging()
@@ -171,11 +174,7 @@ def test_recover_after_new_renamed_in(tmp_path, two_versions):
 
 
 def test_recover_keeps_the_whole_copy_when_the_installed_one_is_damaged(tmp_path, two_versions):
-    old_src, new_src = two_versions
-    store = ModelStore(tmp_path / "models")
-    old = store.import_file(old_src, "m")
-    stage = _staged(store, new_src, "m")
-    os.replace(store.root / "m", store.root / ".old-m")
+    store, old, stage = _mid_replace(tmp_path, two_versions)
     os.replace(stage, store.root / "m")
     gguf_file = store.root / "m" / store.get("m").file
     gguf_file.write_bytes(gguf_file.read_bytes()[:100])  # the new copy is cut short
