@@ -641,12 +641,11 @@ def report(res: dict[str, Any]) -> str:
     out += [hdr, "-" * len(hdr)]
     for name in ENGINES:
         for t, r in sorted(e.get(name, {}).items()):
-            if "error" in r:
-                out.append(f"{name:<13}{t:>8}  error: {r['error'][:80]}")
-                continue
-            out.append(f"{name:<13}{t:>8}{fmt(r['decode_tps_best']):>14}{fmt(r['e2e_tps_best']):>11}"
-                       f"{fmt(r['ttft_p50'], 'ms'):>10}{fmt(r['ttft_p99'], 'ms'):>10}{fmt(r['peak_rss'], 'MiB'):>10}"
-                       f"  {'/'.join(str(x) for x in r['tokens'])}")
+            out.append(f"{name:<13}{t:>8}" + (
+                f"  error: {r['error'][:80]}" if "error" in r else
+                f"{fmt(r['decode_tps_best']):>14}{fmt(r['e2e_tps_best']):>11}{fmt(r['ttft_p50'], 'ms'):>10}"
+                f"{fmt(r['ttft_p99'], 'ms'):>10}{fmt(r['peak_rss'], 'MiB'):>10}"
+                f"  {'/'.join(str(x) for x in r['tokens'])}"))
     same = []
     for name in ENGINES:
         by_t = [f"{r['same_text_as_in_process']}/{r['rounds']}" for t, r in sorted(e.get(name, {}).items())
@@ -668,12 +667,11 @@ def report(res: dict[str, Any]) -> str:
     for k, v in res.get("reference_ratios", {}).items():
         out.append(f"reference {k:<20} {fmt(v, digits=2)}")
     for name, st in (res.get("second_turn") or {}).items():
-        if "error" in st:
-            out.append(f"second turn ({name}): error: {st['error'][:200]}")
-            continue
-        out.append(f"second turn ({name}): prompt {st['prompt_tokens_first']} -> {st['prompt_tokens_second']} "
-                   f"tokens, sharing the first as prefix: TTFT {fmt(st['ttft_first'], 'ms')} -> "
-                   f"{fmt(st['ttft_second'], 'ms')} (ratio {fmt(st['ratio'], digits=2)})")
+        out.append(f"second turn ({name}): " + (
+            f"error: {st['error'][:200]}" if "error" in st else
+            f"prompt {st['prompt_tokens_first']} -> {st['prompt_tokens_second']} tokens, sharing the first "
+            f"as prefix: TTFT {fmt(st['ttft_first'], 'ms')} -> {fmt(st['ttft_second'], 'ms')} "
+            f"(ratio {fmt(st['ratio'], digits=2)})"))
     ld = res.get("load")
     if ld and "error" not in ld:
         out.append(f"load (thox): {ld['clients']} concurrent streaming clients x {ld['rounds']} rounds, queue "
