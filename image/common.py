@@ -116,6 +116,16 @@ def run(cmd: list[str], *, logfile: Path | None = None, env: dict | None = None,
     return p
 
 
+def terminate(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL when the process has not exited within ``grace`` seconds; returns
+    once it has exited."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 sha256_file = pins.sha256_file
 
 

@@ -33,7 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .common import REPO, BuildError, log
+from .common import REPO, BuildError, log, terminate
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -251,12 +251,7 @@ class VM:
                 time.sleep(0.2)
             if self.proc.poll() is None:
                 how = "killed"
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                terminate(self.proc, 5)
             return how
         finally:
             for sig, handler in saved.items():

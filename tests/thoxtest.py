@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from tinymodel import write_tiny_gguf  # noqa: E402,F401
 
+from image.common import terminate  # noqa: E402
+
 THOX = str(Path(sys.executable).with_name("thox"))
 # A test whose prerequisite is missing fails; it may skip only where THOX_ALLOW_SKIP=1
 # is set explicitly (a developer's partial run). `.ci/run` never sets it.
@@ -94,11 +96,7 @@ class Server:
         return (self.home / f"serve-{self.port}.log").read_text()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc, 10)
         self.log.close()
 
 
