@@ -1,4 +1,4 @@
-"""Fuzzing every route (issue 7): schema-driven (schemathesis, from the
+"""Fuzzing every route: schema-driven (schemathesis, from the
 app's own OpenAPI document) and property-based (hypothesis) malformed and
 edge-case requests, plus hand-made broken HTTP on a raw socket.
 

@@ -1,4 +1,4 @@
-"""Load and disconnects (issue 7), on loopback, bounded.
+"""Load and disconnects, on loopback, bounded.
 
 * More concurrent streaming clients than the queue holds (queue_size 2, so 3
   admitted: 1 running + 2 waiting; 12 clients, several rounds): every request
