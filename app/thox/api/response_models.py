@@ -54,8 +54,9 @@ class SparseReply(Reply):
 class ErrorDetail(Reply):
     message: str
     type: str
-    param: str | None = None
-    code: str | None = None
+    param: str | None = Field(default=None, description="The request field at fault, when one is.")
+    code: str | None = Field(default=None, description="A stable word for the error (e.g. invalid_value), "
+                                                       "when there is one.")
 
 
 class ErrorResponse(Reply):
@@ -263,7 +264,7 @@ class EmbeddingList(Reply):
 # -- the Responses API ---------------------------------------------------------------------------
 class ReasoningText(Reply):
     type: Literal["reasoning_text"] = "reasoning_text"
-    text: str
+    text: str = Field(description="Text the model wrote inside <think>.")
 
 
 class ReasoningItem(Reply):
@@ -292,7 +293,7 @@ class MessageItem(Reply):
 class FunctionCallItem(Reply):
     type: Literal["function_call"] = "function_call"
     id: str
-    call_id: str
+    call_id: str = Field(description="A function_call_output input item with this call_id answers the call.")
     name: str
     arguments: str
     status: ItemStatus
