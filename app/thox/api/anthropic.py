@@ -83,11 +83,8 @@ class MessagesRequest(CountTokensRequest):
 def _text_blocks(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{where}: expected a string or a list of text blocks", param=where)
     texts = []
-    for i, b in enumerate(content):
-        kind = b.get("type") if isinstance(b, dict) else None
+    for i, kind, b in chatbridge.typed_parts(content, where, "expected a string or a list of text blocks"):
         if kind == "text" and isinstance(b.get("text"), str):
             texts.append(b["text"])
         elif kind in ("image", "document", "search_result"):

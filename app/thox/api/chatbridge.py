@@ -7,11 +7,12 @@ completions as well.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ..engine import chat_template
+from ..errors import InvalidRequest
 from .response_models import (ChatCompletion, ChatCompletionChunk, ChatDelta, Completion, CompletionChunk,
                               CompletionUsage, ErrorDetail, ErrorResponse, FinishReason, ToolCallOut)
 from .schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
@@ -19,6 +20,15 @@ from .service import ChatStream, CompletionStream, Service
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
+
+# -- content ---------------------------------------------------------------------------
+def typed_parts(content: Any, where: str, expected: str) -> Iterator[tuple[int, str | None, Any]]:
+    """Each part of a message's content list with its index and its ``type`` (None where the
+    part is not an object); content that is not a list is a 400 saying ``{where}: {expected}``."""
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}: {expected}", param=where)
+    for i, part in enumerate(content):
+        yield i, part.get("type") if isinstance(part, dict) else None, part
 
 # -- reasoning ---------------------------------------------------------------------
 def _held_back(text: str, tag: str) -> int:

@@ -85,11 +85,8 @@ def _function_tools(tools: list[dict[str, Any]] | None) -> list[FunctionTool]:
 def _text_of(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{where}: content must be a string or a list of text parts", param=where)
     texts = []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+    for i, kind, part in chatbridge.typed_parts(content, where, "content must be a string or a list of text parts"):
         if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text") \
                 and isinstance(part.get("text"), str):
             texts.append(part["text"])
