@@ -185,6 +185,15 @@ def firstboot_unit(home: Path | str = "/var/lib/thox") -> str:
     variables["thox_home"] = str(home)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROOT / "systemd"),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True)
+
+    def lookup(plugin: str, key: str, type: str = "ini", file: str = "") -> str:  # noqa: A002
+        # the one lookup the roles' defaults use: a key of versions.env (a properties file)
+        assert plugin == "ansible.builtin.ini" and type == "properties", (plugin, type)
+        from thox.pins import read_versions
+        while "{{" in file:     # "{{ playbook_dir }}/../versions.env", as Ansible resolves it
+            file = env.from_string(file).render(variables)
+        return read_versions(Path(file))[key]
+    env.globals["lookup"] = lookup
     for _ in range(3):   # defaults that refer to other defaults ("{{ thox_prefix }}/venv")
         variables = {k: env.from_string(v).render(variables) if isinstance(v, str) else v
                      for k, v in variables.items()}
