@@ -102,3 +102,13 @@ def test_no_import_cycle_in_the_image_builder():
     graph = import_graph(ROOT, "image")
     assert len(graph) > 5
     assert cycles(graph) == []
+
+
+MAX_MODULE_LINES = 450
+
+
+def test_no_module_over_450_lines():
+    """Small rooms: no module of the app or the image builder grows past 450 lines."""
+    big = {str(p.relative_to(ROOT)): n for folder in ("app/thox", "image") for p in (ROOT / folder).rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert big == {}, f"split these by concern: {big}"
