@@ -31,7 +31,7 @@ llama-cpp against in-process). Then second-turn TTFT with a shared prompt of
 alone a load section (more concurrent streaming clients than the queue holds:
 requests, outcomes by kind, TTFT p50/p99).
 
-Concurrency table (also alone: --only-concurrency): thox with
+Concurrency table (also alone: --only-concurrency), at each thread count: thox with
 engine.parallel=4, llama-server with -np 4 (-c 4 x n_ctx, so each slot has
 n_ctx tokens) and llama-cpp-python's server (one sequence: it takes requests
 one at a time), each alone on the box: 1, 2, 4 and 8 streams started together
@@ -543,79 +543,118 @@ def _long_stream(engine: SDKEngine, prompt: str, first: threading.Event) -> None
     first.set()
 
 
-def bench_concurrency(model: Path, home: Path, threads: int, rounds: int, max_tokens: int, n_ctx: int,
+def bench_concurrency(model: Path, home: Path, thread_counts: list[int], rounds: int, max_tokens: int, n_ctx: int,
                       work: Path) -> dict[str, Any]:
     """thox (engine.parallel PARALLEL), llama-server (-np PARALLEL, each slot
-    n_ctx) and llama-cpp-python's server (one sequence), one at a time."""
-    makers = {"thox": lambda: Thox(home, threads, n_ctx, work, PARALLEL),
-              "llama-server": lambda: LlamaServer(model, threads, n_ctx, work, PARALLEL),
-              "llama-cpp": lambda: LlamaCppServer(model, threads, n_ctx, work)}
-    out: dict[str, Any] = {"threads": threads, "parallel": PARALLEL, "max_tokens": max_tokens, "rounds": rounds,
-                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
-    for name, make in makers.items():
-        t0, pids = time.time(), []
-        try:
-            e = make()
-        except Exception as ex:
-            out[name] = {"error": f"{type(ex).__name__}: {ex}"}
-            continue
-        try:
-            pids = [e.pid]
-            busy0, own0 = cpu_seconds(pids)
-            stream_once(e.client, PROMPTS[0], 8)            # warm-up
-            levels = {n: bench_streams(e, n, rounds, max_tokens) for n in STREAMS}
-            inter = bench_interactive(e, rounds)
-            wall = time.time() - t0
-            busy1, own1 = cpu_seconds(pids)
-            others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
-            out[name] = {"levels": levels, "interactive": inter, "peak_rss": vm(e.pid, "VmHWM"),
-                         "wall_s": wall, "other_cpu_share": others}
-        except Exception as ex:
-            out[name] = {"error": f"{type(ex).__name__}: {ex}"}
-        finally:
-            e.close()
-    ok = {k: v for k, v in out.items() if isinstance(v, dict) and "levels" in v}
-    ratios = {}
-    if "thox" in ok:
-        t = ok["thox"]["levels"]
-        ratios["thox 4 streams / thox 1 stream"] = t[4]["agg_tps"] / t[1]["agg_tps"]
-        if "llama-server" in ok:
-            ratios["thox 4 streams / llama-server 4 streams"] = t[4]["agg_tps"] / ok["llama-server"]["levels"][4]["agg_tps"]
-            ratios["thox 1 stream / llama-server 1 stream"] = t[1]["agg_tps"] / ok["llama-server"]["levels"][1]["agg_tps"]
-    if "llama-server" in ok:
-        ls = ok["llama-server"]["levels"]
-        ratios["llama-server 4 streams / llama-server 1 stream"] = ls[4]["agg_tps"] / ls[1]["agg_tps"]
-    out["ratios"] = ratios
+    n_ctx) and llama-cpp-python's server (one sequence), one at a time, at each
+    thread count. The ratios compare each server's best configuration too: on a
+    small CPU a single stream can be fastest at fewer threads than a batch."""
+    makers = {"thox": lambda t: Thox(home, t, n_ctx, work, PARALLEL),
+              "llama-server": lambda t: LlamaServer(model, t, n_ctx, work, PARALLEL),
+              "llama-cpp": lambda t: LlamaCppServer(model, t, n_ctx, work)}
+    out: dict[str, Any] = {"thread_counts": thread_counts, "parallel": PARALLEL, "max_tokens": max_tokens,
+                           "rounds": rounds, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                           "by_threads": {}}
+    for t in thread_counts:
+        row: dict[str, Any] = {}
+        for name, make in makers.items():
+            print(f"    concurrency: {name}, {t} thread(s) ...", flush=True)
+            row[name] = _concurrency_one(make, t, rounds, max_tokens)
+        out["by_threads"][t] = row
+    out["ratios"] = concurrency_ratios(out["by_threads"])
     return out
 
 
+def _concurrency_one(make, threads: int, rounds: int, max_tokens: int) -> dict[str, Any]:
+    t0 = time.time()
+    try:
+        e = make(threads)
+    except Exception as ex:
+        return {"error": f"{type(ex).__name__}: {ex}"}
+    try:
+        pids = [e.pid]
+        busy0, own0 = cpu_seconds(pids)
+        stream_once(e.client, PROMPTS[0], 8)            # warm-up
+        levels = {n: bench_streams(e, n, rounds, max_tokens) for n in STREAMS}
+        inter = bench_interactive(e, rounds)
+        wall = time.time() - t0
+        busy1, own1 = cpu_seconds(pids)
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+        return {"levels": levels, "interactive": inter, "peak_rss": vm(e.pid, "VmHWM"), "wall_s": wall,
+                "other_cpu_share": others}
+    except Exception as ex:
+        return {"error": f"{type(ex).__name__}: {ex}"}
+    finally:
+        e.close()
+
+
+def best_level(by_threads: dict[int, dict[str, Any]], server: str, streams: int) -> tuple[float, int] | None:
+    """A server's best aggregate tok/s at ``streams`` streams over the thread counts, and that count."""
+    got = [(row[server]["levels"][streams]["agg_tps"], t) for t, row in by_threads.items()
+           if "levels" in row.get(server, {})]
+    return max(got) if got else None
+
+
+def concurrency_ratios(by_threads: dict[int, dict[str, Any]]) -> dict[str, float]:
+    """Per thread count (same threads for both sides), then best against best."""
+    ratios: dict[str, float] = {}
+    for t, row in by_threads.items():
+        ok = {k: v["levels"] for k, v in row.items() if "levels" in v}
+        if "thox" in ok:
+            ratios[f"{t}t: thox 4 streams / thox 1 stream"] = ok["thox"][4]["agg_tps"] / ok["thox"][1]["agg_tps"]
+            if "llama-server" in ok:
+                ratios[f"{t}t: thox 4 streams / llama-server 4 streams"] = \
+                    ok["thox"][4]["agg_tps"] / ok["llama-server"][4]["agg_tps"]
+                ratios[f"{t}t: thox 1 stream / llama-server 1 stream"] = \
+                    ok["thox"][1]["agg_tps"] / ok["llama-server"][1]["agg_tps"]
+        if "llama-server" in ok:
+            ratios[f"{t}t: llama-server 4 streams / llama-server 1 stream"] = \
+                ok["llama-server"][4]["agg_tps"] / ok["llama-server"][1]["agg_tps"]
+    best = {(s, n): best_level(by_threads, s, n) for s in ("thox", "llama-server") for n in (1, 4)}
+    if best[("thox", 4)] and best[("thox", 1)]:
+        ratios["best: thox 4 streams / thox 1 stream"] = best[("thox", 4)][0] / best[("thox", 1)][0]
+    if best[("thox", 4)] and best[("llama-server", 4)]:
+        ratios["best: thox 4 streams / llama-server 4 streams"] = \
+            best[("thox", 4)][0] / best[("llama-server", 4)][0]
+    if best[("thox", 1)] and best[("llama-server", 1)]:
+        ratios["best: thox 1 stream / llama-server 1 stream"] = best[("thox", 1)][0] / best[("llama-server", 1)][0]
+    if best[("llama-server", 4)] and best[("llama-server", 1)]:
+        ratios["best: llama-server 4 streams / llama-server 1 stream"] = \
+            best[("llama-server", 4)][0] / best[("llama-server", 1)][0]
+    return ratios
+
+
 def report_concurrency(c: dict[str, Any]) -> list[str]:
-    out = [f"concurrency: greedy, {c['max_tokens']} tokens per stream, a different prompt each, {c['threads']} "
-           f"threads, best of {c['rounds']} rounds; thox engine.parallel={c['parallel']}, llama-server "
-           f"-np {c['parallel']}, llama-cpp one sequence; OMP_WAIT_POLICY={c.get('omp_wait_policy')} for all"]
-    hdr = f"{'server':<13}{'streams':>8}{'agg tok/s':>11}{'vs 1':>7}{'TTFT p50':>10}{'TTFT p99':>10}"
+    out = [f"concurrency: greedy, {c['max_tokens']} tokens per stream, a different prompt each, best of "
+           f"{c['rounds']} rounds, at {', '.join(map(str, c['thread_counts']))} thread(s); thox "
+           f"engine.parallel={c['parallel']}, llama-server -np {c['parallel']}, llama-cpp one sequence; "
+           f"OMP_WAIT_POLICY={c.get('omp_wait_policy')} for all"]
+    hdr = f"{'server':<13}{'threads':>8}{'streams':>8}{'agg tok/s':>11}{'vs 1':>7}{'TTFT p50':>10}{'TTFT p99':>10}"
     out += [hdr, "-" * len(hdr)]
+    rows = c["by_threads"]
     for name in SERVERS:
-        r = c.get(name)
-        if r is None:
-            continue
-        if "error" in r:
-            out.append(f"{name:<13}  error: {r['error'][:100]}")
-            continue
-        one = r["levels"][1]["agg_tps"]
-        for n, lv in sorted(r["levels"].items()):
-            out.append(f"{name:<13}{n:>8}{fmt(lv['agg_tps']):>11}{fmt(lv['agg_tps'] / one, 'x', 2):>7}"
-                       f"{fmt(lv['ttft_p50'], 'ms'):>10}{fmt(lv['ttft_p99'], 'ms'):>10}")
+        for t, row in rows.items():
+            r = row.get(name)
+            if r is None:
+                continue
+            if "error" in r:
+                out.append(f"{name:<13}{t:>8}  error: {r['error'][:100]}")
+                continue
+            one = r["levels"][1]["agg_tps"]
+            for n, lv in sorted(r["levels"].items()):
+                out.append(f"{name:<13}{t:>8}{n:>8}{fmt(lv['agg_tps']):>11}{fmt(lv['agg_tps'] / one, 'x', 2):>7}"
+                           f"{fmt(lv['ttft_p50'], 'ms'):>10}{fmt(lv['ttft_p99'], 'ms'):>10}")
     for name in SERVERS:
-        r = c.get(name)
-        if r and "interactive" in r:
-            i = r["interactive"]
-            out.append(f"interactive ({name}): 16-token request {fmt(i['idle_s'], 'ms')} idle, "
-                       f"{fmt(i['busy_s'], 'ms')} beside a 256-token stream = {fmt(i['slowdown'], 'x', 2)}; "
-                       f"peak RSS {fmt(r['peak_rss'], 'MiB')}; other processes took {r['other_cpu_share']:.0%} "
-                       f"of the CPU")
+        for t, row in rows.items():
+            r = row.get(name)
+            if r and "interactive" in r:
+                i = r["interactive"]
+                out.append(f"interactive ({name}, {t}t): 16-token request {fmt(i['idle_s'], 'ms')} idle, "
+                           f"{fmt(i['busy_s'], 'ms')} beside a 256-token stream = {fmt(i['slowdown'], 'x', 2)}; "
+                           f"peak RSS {fmt(r['peak_rss'], 'MiB')}; other processes took "
+                           f"{r['other_cpu_share']:.0%} of the CPU")
     for k, v in c.get("ratios", {}).items():
-        out.append(f"ratio {k:<46} {fmt(v, digits=2)}")
+        out.append(f"ratio {k:<54} {fmt(v, digits=2)}")
     return out
 
 
@@ -778,10 +817,11 @@ def main(argv: list[str] | None = None) -> int:
                                          min(a.max_tokens, 48))
             except Exception as e:
                 res["load"] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"  [{time.time() - t_start:3.0f}s] concurrency: {', '.join(SERVERS)} at {STREAMS} streams ...",
-              flush=True)
-        # all cores, as the service runs by default (engine.n_threads 0): a batch needs the arithmetic
-        res["concurrency"] = bench_concurrency(model, home, max(threads), a.concurrency_rounds, a.max_tokens,
+        print(f"  [{time.time() - t_start:3.0f}s] concurrency: {', '.join(SERVERS)} at {STREAMS} streams, "
+              f"{threads} thread(s) ...", flush=True)
+        # every thread count: all cores is the service's default (engine.n_threads 0), but on a
+        # small CPU one stream can be fastest on fewer threads, so "scaling" compares best with best
+        res["concurrency"] = bench_concurrency(model, home, threads, a.concurrency_rounds, a.max_tokens,
                                                a.n_ctx, work)
         res["wall_s"] = time.time() - t_start
         text = report(res)

@@ -58,3 +58,26 @@ def test_cached_llama_server_knows_our_flags():
     ours = re.findall(r'"(--?[a-z][a-z-]*)"', inspect.getsource(run.LlamaServer.__init__))
     assert len(ours) >= 10 and "--cache-ram" in ours, ours
     assert not set(ours) - known, sorted(set(ours) - known)
+
+
+def _levels(one: float, four: float) -> dict:
+    return {"levels": {n: {"agg_tps": v, "ttft_p50": 0.1, "ttft_p99": 0.2} for n, v in
+                       ((1, one), (2, (one + four) / 2), (4, four), (8, four))},
+            "interactive": {"idle_s": 0.3, "busy_s": 0.45, "slowdown": 1.5}, "peak_rss": 300 << 20,
+            "other_cpu_share": 0.0}
+
+
+def test_concurrency_ratios_compare_each_thread_count_and_best_with_best():
+    """A server whose single stream is fastest at 1 thread is measured against that, not its 2-thread figure."""
+    by_threads = {1: {"thox": _levels(150, 180), "llama-server": _levels(152, 170), "llama-cpp": {"error": "x"}},
+                  2: {"thox": _levels(40, 112), "llama-server": _levels(45, 108), "llama-cpp": _levels(42, 40)}}
+    r = run.concurrency_ratios(by_threads)
+    assert r["2t: thox 4 streams / thox 1 stream"] == 112 / 40
+    assert r["best: thox 4 streams / thox 1 stream"] == 180 / 150
+    assert r["best: thox 4 streams / llama-server 4 streams"] == 180 / 170
+    assert r["best: llama-server 4 streams / llama-server 1 stream"] == 170 / 152
+    text = "\n".join(run.report_concurrency({"max_tokens": 128, "rounds": 2, "thread_counts": [1, 2], "parallel": 4,
+                                             "by_threads": by_threads, "ratios": r}))
+    for needle in ("thox                1       4      180.0", "llama-cpp           1  error: x",
+                   "interactive (thox, 2t)", "ratio best: thox 4 streams / thox 1 stream"):
+        assert needle in text, text
