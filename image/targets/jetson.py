@@ -5,17 +5,22 @@
     python3 -m image pin NAME FILE      record the sha256 of a checked download in jetson-pins.json
 
 Stages of `build`:
-  fetch       L4T BSP + sample root fs from NVIDIA (or the cache), sha256-checked against jetson-pins.json
-  extract     BSP -> <work>/Linux_for_Tegra, sample root fs -> Linux_for_Tegra/rootfs
+  fetch       L4T BSP from NVIDIA (or the cache), sha256-checked against jetson-pins.json; Ubuntu's
+              arm64 base tarball, checked against Ubuntu's SHA256SUMS signed by the pinned CD image key
+  extract     BSP -> <work>/Linux_for_Tegra (its nv_tegra/jetson-ota-public.key is the apt key)
   binfmt      qemu-user (binfmt_misc) must run aarch64 binaries: the roles run inside the arm64 root fs
+  rootfs      the BSP's tools/samplefs/nv_build_samplefs.sh (minimal, jammy) on the verified base
+              tarball -> Linux_for_Tegra/rootfs
   provision   ansible/site.yml into Linux_for_Tegra/rootfs over the chroot connection,
               thox_image_build=true, thox_target=jetson-orin, ssh_user=thox-admin (the same roles
               as every other target; the image role installs the first-boot units)
   binaries    apply_binaries.sh (NVIDIA's userspace drivers into the root fs)
   user        l4t_create_default_user.sh: the admin user, with the host name the roles set;
               its password is locked (ssh key only)
-  finalize    no host keys / machine-id / API key in the root fs (same as amd64)
-  package     l4t_initrd_flash.sh --no-flash: the flash images, flashed later by `make flash`
+  finalize    no host keys / machine-id / API key in the root fs (same as amd64); /var/lib/thox's
+              contents move to /usr/lib/thox/factory-data (the thox-data ext4 is made from them)
+  package     the board's rootfs A/B layout plus thox-data, the thox-data ext4, then
+              ROOTFS_AB=1 l4t_initrd_flash.sh --no-flash: the flash images, flashed later by `make flash`
 
 Every step is a command built by a function below, so tests check the composition
 without NVIDIA's files (tests/image/test_jetson.py uses fixture tarballs).
@@ -28,21 +33,24 @@ import os
 import secrets
 import shutil
 import subprocess
-import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import manifest, provision, scan, wheel
+from .. import manifest, provision, scan, slot, wheel
 from ..common import REPO, BuildError, StageFailed, Stages, cache_dir, log, run, sha256_file
 from ..context import Context
+from . import jetson_layout, jetson_rootfs
 
 PINS = Path(os.environ.get("THOX_JETSON_PINS", REPO / "image" / "jetson-pins.json"))
 # the admin account NVIDIA's helper makes; the roles' ssh_user, the key's owner at first boot
 ADMIN_USER = "thox-admin"
 L4T = "Linux_for_Tegra"              # NVIDIA's tree, under <out>/jetson-orin/
 WHEELHOUSE_ARGS = ["--platform", "manylinux2014_aarch64", "--python-version", "3.10", "--implementation", "cp"]
-STAGES = ["fetch", "extract", "binfmt", "provision", "binaries", "user", "finalize", "package"]
+STAGES = ["fetch", "extract", "binfmt", "rootfs", "provision", "binaries", "user", "finalize", "package"]
+APT_KEY = "nv_tegra/jetson-ota-public.key"   # NVIDIA's apt key, inside the sha256-pinned BSP
+DATA_FS_UUID = str(uuid.uuid5(slot.FS_NAMESPACE, "jetson-orin thox-data"))
 
 
 def load_pins(path: Path | None = None) -> dict:
@@ -59,22 +67,10 @@ def fetch(name: str, pins: dict, dl_dir: Path, *, opener=urllib.request.urlopen,
             f"no pinned sha256 for {name} ({d['file']}) in {PINS.name}: refusing to use an unchecked download. "
             f"Download {d['url']} on a machine with internet, compare it with NVIDIA's published checksum, then "
             f"run `python3 -m image pin {name} FILE` and commit the pin.")
-    dl_dir.mkdir(parents=True, exist_ok=True)
-    dst = dl_dir / d["file"]
-    if not dst.exists():
-        part = dst.with_name(dst.name + ".part")
-        log(f"downloading {d['url']}")
-        try:
-            with opener(d["url"], timeout=timeout) as r, open(part, "wb") as f:
-                shutil.copyfileobj(r, f, 1 << 20)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            part.unlink(missing_ok=True)
-            reason = getattr(e, "reason", e)
-            raise BuildError(
-                f"cannot download {name} from {d['url']}: {reason}. NVIDIA's server is unreachable from here "
-                f"(no internet?). Copy {d['file']} (sha256 {want}) into {dl_dir}/ from a machine that has it, "
-                "then run the build again.") from e
-        os.replace(part, dst)
+    dst = jetson_rootfs.download(
+        d["url"], dl_dir / d["file"], what=name, opener=opener, timeout=timeout,
+        hint=(f"NVIDIA's server is unreachable from here (no internet?). Copy {d['file']} (sha256 {want}) "
+              f"into {dl_dir}/ from a machine that has it, then run the build again."))
     got = sha256_file(dst)
     if got != want:
         bad = dst.with_name(dst.name + ".bad")
@@ -127,13 +123,19 @@ def context(args: argparse.Namespace) -> Context:
                    root=out / "jetson-orin" / L4T / "rootfs", cache=cache_dir(),
                    use_ansible=args.ansible, extra_vars=json.loads(args.extra_vars) if args.extra_vars else {},
                    target_vars={"thox_target": "jetson-orin", "thox_jetson_board": args.board,
-                                "ssh_user": ADMIN_USER},
+                                "ssh_user": ADMIN_USER,
+                                "jetson_apt_key_src": str(out / "jetson-orin" / L4T / APT_KEY)},
                    llama_wheel=Path(args.llama_wheel) if args.llama_wheel else None)
 
 
-def extract_cmds(plan: Plan, bsp: Path, sample: Path) -> list[list[str]]:
-    return [["tar", "-C", str(plan.work), "-xpf", str(bsp)],
-            ["mkdir", "-p", str(plan.rootfs)],
+def extract_cmds(plan: Plan, bsp: Path) -> list[list[str]]:
+    return [["tar", "-C", str(plan.work), "-xpf", str(bsp)]]
+
+
+def rootfs_extract_cmds(plan: Plan) -> list[list[str]]:
+    """NVIDIA's freshly built sample root fs into Linux_for_Tegra/rootfs."""
+    sample = plan.l4t / jetson_rootfs.SAMPLEFS_DIR / jetson_rootfs.SAMPLEFS_OUT
+    return [["mkdir", "-p", str(plan.rootfs)],
             ["tar", "-C", str(plan.rootfs), "--numeric-owner", "-xpf", str(sample)]]
 
 
@@ -158,9 +160,14 @@ def default_user_cmds(plan: Plan, password: str) -> list[list[str]]:
 
 
 def initrd_flash_cmd(plan: Plan, *, no_flash: bool) -> list[str]:
+    """NVIDIA's initrd flash with rootfs A/B (APP, APP_b) and the board's layout as edited by
+    jetson_layout (the flash args name it as {layout})."""
     cfg = plan.board_cfg
     mode = ["--no-flash"] if no_flash else ["--flash-only"]
-    return ["./tools/kernel_flash/l4t_initrd_flash.sh", *mode, *cfg["flash_args"], cfg["board"], cfg["storage"]]
+    layout = jetson_layout.thox_layout_path(cfg["layout"])
+    args = [a.replace("{layout}", layout) for a in cfg["flash_args"]]
+    return ["env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh", *mode, *args,
+            cfg["board"], cfg["storage"]]
 
 
 # ---------------------------------------------------------------- checks
@@ -187,11 +194,12 @@ def recovery_mode_devices(lsusb_output: str) -> list[str]:
 
 # ---------------------------------------------------------------- stages
 def fetch_all(plan: Plan, dl: Path) -> dict[str, Path]:
-    names = ("bsp", "sample_rootfs")
-    for n in names:          # every pin first: no 700 MB download before a refusal
-        if not plan.pins["downloads"][n].get("sha256"):
-            fetch(n, plan.pins, dl)
-    return {n: fetch(n, plan.pins, dl) for n in names}
+    """The BSP (sha256 pin) and Ubuntu's base tarball (signed SHA256SUMS), both verified."""
+    files = {"bsp": fetch("bsp", plan.pins, dl)}
+    files.update(jetson_rootfs.ubuntu_files(plan.pins, dl))
+    key = plan.pins["ubuntu_base"]["signing_key"]["fingerprint"]
+    jetson_rootfs.verify_ubuntu_base(files["tarball"], files["sums"], files["signature"], files["keyring"], key)
+    return files
 
 
 def stage_extract(ctx: Context, plan: Plan, files: dict[str, Path]) -> str:
@@ -199,9 +207,27 @@ def stage_extract(ctx: Context, plan: Plan, files: dict[str, Path]) -> str:
     if plan.work.exists():
         shutil.rmtree(plan.work)
     plan.work.mkdir(parents=True)
-    for c in extract_cmds(plan, files["bsp"], files["sample_rootfs"]):
+    for c in extract_cmds(plan, files["bsp"]):
         run(c, logfile=ctx.logdir / "jetson.log")
+    if not (plan.l4t / APT_KEY).is_file():
+        raise BuildError(f"the BSP has no {L4T}/{APT_KEY}: the apt key the jetson role installs comes from there")
     return str(plan.l4t)
+
+
+def stage_rootfs(ctx: Context, plan: Plan, files: dict[str, Path]) -> str:
+    """nv_build_samplefs.sh, handed the verified Ubuntu base tarball, then its output into rootfs/."""
+    samplefs = plan.l4t / jetson_rootfs.SAMPLEFS_DIR
+    served = jetson_rootfs.write_download_shim(plan.work / "download-shim", files["tarball"],
+                                               plan.pins["ubuntu_base"]["release"])
+    path = f"{served.parent}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    (samplefs / jetson_rootfs.SAMPLEFS_OUT).unlink(missing_ok=True)
+    run(jetson_rootfs.samplefs_cmd(plan.pins), cwd=samplefs, env={"PATH": path}, logfile=ctx.logdir / "jetson.log")
+    handed = jetson_rootfs.check_served(served)
+    if not (samplefs / jetson_rootfs.SAMPLEFS_OUT).is_file():
+        raise BuildError(f"nv_build_samplefs.sh wrote no {jetson_rootfs.SAMPLEFS_OUT} in {samplefs}")
+    for c in rootfs_extract_cmds(plan):
+        run(c, logfile=ctx.logdir / "jetson.log")
+    return f"{plan.pins['samplefs']['flavor']} {plan.pins['samplefs']['version']} ({handed.split()[1].rsplit('/', 1)[1]})"
 
 
 def stage_provision(ctx: Context) -> str:
@@ -239,7 +265,22 @@ def stage_finalize(ctx: Context) -> str:
         keep.write_bytes(saved)
     if problems:
         raise BuildError("secret or per-device data in the root fs: " + "; ".join(problems))
+    slot.move_factory_data(ctx.root)
     return "clean"
+
+
+def stage_package(ctx: Context, plan: Plan) -> str:
+    """The board's layout with thox-data, its ext4 image, then the flash images (--no-flash)."""
+    part_mib, data_mib = plan.pins["thox_data"]["size_mib"], slot.data_mib(plan.rootfs)
+    if data_mib > part_mib:
+        raise BuildError(f"the factory data needs a {data_mib} MiB thox-data; the layout's is {part_mib} MiB "
+                         "(thox_data.size_mib in jetson-pins.json)")
+    layout = jetson_layout.write_thox_layout(plan.l4t, plan.board_cfg["layout"], part_mib << 20)
+    image = plan.l4t / "bootloader" / jetson_layout.DATA_IMAGE
+    image.unlink(missing_ok=True)
+    slot.make_data_fs(plan.rootfs, image, data_mib, DATA_FS_UUID, logfile=ctx.logdir / "jetson.log")
+    run(initrd_flash_cmd(plan, no_flash=True), cwd=plan.l4t, logfile=ctx.logdir / "jetson.log")
+    return f"ROOTFS_AB=1 l4t_initrd_flash.sh --no-flash done ({layout.name}, {image.name})"
 
 
 def build(ctx: Context, plan: Plan) -> int:
@@ -252,16 +293,17 @@ def build(ctx: Context, plan: Plan) -> int:
         files = st.run("fetch", fetch_all, plan, dl)
         st.run("extract", stage_extract, ctx, plan, files)
         st.run("binfmt", check_binfmt)
+        st.run("rootfs", stage_rootfs, ctx, plan, files)
         st.run("provision", stage_provision, ctx)
         st.run("binaries", lambda: run(apply_binaries_cmd(plan), cwd=plan.l4t, logfile=log_l4t)
                and "apply_binaries.sh done")
         st.run("user", stage_user, plan)
         st.run("finalize", stage_finalize, ctx)
-        st.run("package", lambda: run(initrd_flash_cmd(plan, no_flash=True), cwd=plan.l4t, logfile=log_l4t)
-               and "l4t_initrd_flash.sh --no-flash done")
-        done.write_text(json.dumps({"board": plan.board, "l4t": plan.pins["l4t_version"],
+        st.run("package", stage_package, ctx, plan)
+        done.write_text(json.dumps({"board": plan.board, "l4t": plan.pins["l4t_version"], "rootfs_ab": True,
                                     "bsp_sha256": sha256_file(files["bsp"]),
-                                    "sample_rootfs_sha256": sha256_file(files["sample_rootfs"])}) + "\n")
+                                    "ubuntu_base": files["tarball"].name,
+                                    "ubuntu_base_sha256": sha256_file(files["tarball"])}) + "\n")
     except StageFailed as e:
         log(str(e).splitlines()[0])
         for line in str(e).splitlines()[1:][-20:]:
