@@ -23,8 +23,12 @@ UNIT_ROLES = {
     "thox-jetson-clocks.service": "jetson",
     "thox-lan-sets.service": "firewall",
     "thox-growroot.service": "image",
-    "thox-ssh-hostkeys.service": "image",
     "thox-ssh-import.service": "image",
+    "thox-ssh-hostkeys.service": "ssh",
+    "thox-health.service": "updates",
+    "thox-reboot.path": "updates",
+    "thox-reboot.service": "updates",
+    "thox-factory-reset.service": "updates",
 }
 UNITS = list(UNIT_ROLES)
 # non-default knobs: the units must follow them
@@ -64,7 +68,8 @@ def _verify_root(tmp_path: Path, units: dict[str, str], prefix: str = "/opt/thox
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     for exe in (f"{prefix.strip('/')}/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel",
                 "usr/local/sbin/thox-lan-sets", "usr/local/sbin/thox-growroot", "usr/local/sbin/thox-ssh-import",
-                "usr/bin/ssh-keygen"):
+                "usr/bin/ssh-keygen", "usr/local/sbin/thox-ssh-hostkeys", "usr/local/lib/thox/thox-health",
+                "usr/sbin/mkfs.ext4", "usr/bin/rm", "usr/bin/systemctl"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")
@@ -179,11 +184,12 @@ def test_units_come_from_systemd_only():
     those (plus the shared state-dir include); no role keeps a unit of its own;
     each role installs its units with the template module from thox_units_dir,
     which site.yml resolves to that folder."""
-    assert sorted(p.name for p in SYSTEMD_DIR.glob("*.service*")) == sorted(f"{u}.j2" for u in UNITS)
+    assert sorted(p.name for p in SYSTEMD_DIR.glob("*.j2") if re.search(r"\.(service|path)\.j2$", p.name)) \
+        == sorted(f"{u}.j2" for u in UNITS)
     assert (SYSTEMD_DIR / "thox-state-dir.j2").is_file() and (SYSTEMD_DIR / "README.md").is_file()
     for u in UNITS:
         assert f"`{u}.j2`" in (SYSTEMD_DIR / "README.md").read_text(), u
-    strays = [p for p in ROLES.rglob("*") if p.is_file() and re.search(r"\.(service|socket|timer)(\.j2)?$", p.name)]
+    strays = [p for p in ROLES.rglob("*") if p.is_file() and re.search(r"\.(service|socket|timer|path)(\.j2)?$", p.name)]
     assert not strays, strays
     installed: dict[str, str] = {}
     for role in sorted(p for p in ROLES.iterdir() if p.is_dir()):

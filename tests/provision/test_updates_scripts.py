@@ -1,0 +1,290 @@
+"""The updates role's scripts, run here as the device runs them:
+
+- thox-health against a real HTTP server on 127.0.0.1 (http.server answering /health),
+  with `rauc` and `systemctl` replaced on PATH by recording stand-ins (external tools;
+  the stand-in systemctl reports the API unit's state the test chooses);
+- rauc-pre-install on a THOX_HOME in a temporary directory;
+- rauc-post-install with RAUC's handler environment against a real ext4 file system
+  (a file, loop-mounted by mount(8));
+- thox-ssh-hostkeys (the ssh role's) with the real ssh-keygen;
+- shellcheck on the shell scripts.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ANSIBLE_DIR, need_root, need_tools, run
+
+FILES = ANSIBLE_DIR / "roles/updates/files"
+HEALTH = FILES / "thox-health"
+PRE = FILES / "rauc-pre-install"
+POST = FILES / "rauc-post-install"
+HOSTKEYS = ANSIBLE_DIR / "roles/ssh/files/thox-ssh-hostkeys"
+SHELL_SCRIPTS = [PRE, POST, HOSTKEYS]
+
+# `rauc status --output-format=json` of a box booted from B with A good (RAUC 1.8's layout)
+STATUS_B_BOOTED_A_GOOD = {
+    "compatible": "thox-amd64", "variant": "", "booted": "B", "boot_primary": "rootfs.1",
+    "slots": [
+        {"rootfs.0": {"class": "rootfs", "device": "/dev/disk/by-partlabel/thox-a", "type": "ext4",
+                      "bootname": "A", "state": "inactive", "parent": None, "mountpoint": None,
+                      "boot_status": "good"}},
+        {"rootfs.1": {"class": "rootfs", "device": "/dev/disk/by-partlabel/thox-b", "type": "ext4",
+                      "bootname": "B", "state": "booted", "parent": None, "mountpoint": "/",
+                      "boot_status": "good"}},
+    ],
+}
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    """GET /health answers ``server.code`` (200 once ``server.ready_after`` requests were refused)."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        srv = self.server
+        srv.hits += 1
+        code = 200 if srv.hits > srv.ready_after else 503
+        if self.path != "/health":
+            code = 404
+        body = json.dumps({"status": "ok" if code == 200 else "loading"}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def health_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    srv.hits, srv.ready_after = 0, 0
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+STUB = """#!/bin/sh
+# records its argv (one JSON list per line) and answers from files the test writes
+printf '%s\\n' "$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "$0" "$@")" >> "$STUB_LOG"
+name=$(basename "$0")
+case "$name $1 $2" in
+  "rauc status --output-format=json") cat "$STUB_DIR/rauc-status.json"; exit 0 ;;
+  "systemctl show "*) cat "$STUB_DIR/unit-state"; exit 0 ;;
+esac
+exit "$(cat "$STUB_DIR/$name-rc" 2>/dev/null || echo 0)"
+"""
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    d = tmp_path / "stubs"
+    d.mkdir()
+    for name in ("rauc", "systemctl"):
+        (d / name).write_text(STUB)
+        (d / name).chmod(0o755)
+    (d / "rauc-status.json").write_text(json.dumps(STATUS_B_BOOTED_A_GOOD))
+    (d / "unit-state").write_text("ActiveState=activating\nSubState=start\nResult=success\nNRestarts=0\n")
+    os_release = tmp_path / "os-release"
+    os_release.write_text('ID=debian\nIMAGE_ID=thox\nIMAGE_VERSION="3"\n')
+
+    def calls() -> list[list[str]]:
+        log = tmp_path / "calls.log"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    env = dict(os.environ, PATH=f"{d}:{os.environ['PATH']}", STUB_DIR=str(d), STUB_LOG=str(tmp_path / "calls.log"),
+               THOX_OS_RELEASE=str(os_release), THOX_HEALTH_MAX_RESTARTS="3")
+    return {"dir": d, "env": env, "calls": calls}
+
+
+def run_health(stubs, url: str, timeout_s: float, bound_s: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    env = dict(stubs["env"], THOX_HEALTH_URL=url, THOX_HEALTH_TIMEOUT=str(timeout_s))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, str(HEALTH)], capture_output=True, text=True, env=env, timeout=bound_s)
+    return p, time.monotonic() - t0
+
+
+def verdicts(calls) -> list[list[str]]:
+    """The calls that decide: rauc mark-* and systemctl reboot (not the status queries)."""
+    return [c[1:] for c in calls if c[1:2] in (["status"], ["reboot"]) and c[1:] != ["status", "--output-format=json"]]
+
+
+def test_health_marks_the_slot_good_once_health_answers(health_server, stubs):
+    health_server.ready_after = 2        # two 503s (loading), then 200
+    url = f"http://127.0.0.1:{health_server.server_port}/health"
+    p, _ = run_health(stubs, url, timeout_s=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert verdicts(stubs["calls"]()) == [["status", "mark-good", "booted"]]
+    assert p.stdout == "thox-health: slot B good (version 3)\n"
+    assert health_server.hits == 3
+
+
+def test_health_marks_bad_and_reboots_when_the_api_unit_failed(health_server, stubs):
+    """The API unit gave up (restarts used up: failed): the verdict comes at once, not
+    after the timeout."""
+    health_server.ready_after = 10**9
+    (stubs["dir"] / "unit-state").write_text("ActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=2\n")
+    url = f"http://127.0.0.1:{health_server.server_port}/health"
+    p, took = run_health(stubs, url, timeout_s=600)
+    assert p.returncode == 1
+    assert verdicts(stubs["calls"]()) == [["status", "mark-bad", "booted"], ["reboot"]]
+    assert p.stdout == ("thox-health: slot B bad (version 3): thox-api.service failed (exit-code); "
+                        "rebooting into A\n"), p.stdout
+    assert took < 30, took
+
+
+def test_health_gives_up_after_the_api_restarted_n_times(stubs):
+    """A unit that keeps restarting (each try slower than the start limit) counts as failed
+    after THOX_HEALTH_MAX_RESTARTS restarts; nothing listens on the port."""
+    (stubs["dir"] / "unit-state").write_text("ActiveState=activating\nSubState=auto-restart\nResult=exit-code\n"
+                                             "NRestarts=3\n")
+    p, took = run_health(stubs, "http://127.0.0.1:9/health", timeout_s=600)
+    assert p.returncode == 1
+    assert verdicts(stubs["calls"]()) == [["status", "mark-bad", "booted"], ["reboot"]]
+    assert "thox-api.service restarted 3 times; rebooting into A" in p.stdout
+    assert took < 30, took
+
+
+def test_health_times_out_when_the_api_never_answers(health_server, stubs):
+    health_server.ready_after = 10**9    # always 503; the unit stays active
+    (stubs["dir"] / "unit-state").write_text("ActiveState=active\nSubState=running\nResult=success\nNRestarts=0\n")
+    url = f"http://127.0.0.1:{health_server.server_port}/health"
+    p, took = run_health(stubs, url, timeout_s=3)
+    assert p.returncode == 1
+    assert verdicts(stubs["calls"]()) == [["status", "mark-bad", "booted"], ["reboot"]]
+    assert f"no answer from {url} within 3 s; rebooting into A" in p.stdout
+    assert 3 <= took < 30, took
+    assert health_server.hits >= 2
+
+
+def test_health_stays_when_no_other_slot_is_good(stubs):
+    """A fresh image (B never written, so not good): no mark-bad, no reboot loop."""
+    status = json.loads(json.dumps(STATUS_B_BOOTED_A_GOOD))
+    status["booted"] = "A"
+    status["slots"][0]["rootfs.0"].update(state="booted", boot_status="good")
+    status["slots"][1]["rootfs.1"].update(state="inactive", boot_status="bad")
+    (stubs["dir"] / "rauc-status.json").write_text(json.dumps(status))
+    (stubs["dir"] / "unit-state").write_text("ActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=5\n")
+    p, _ = run_health(stubs, "http://127.0.0.1:9/health", timeout_s=600)
+    assert p.returncode == 1
+    assert verdicts(stubs["calls"]()) == []
+    assert p.stdout == ("thox-health: slot A bad (version 3): thox-api.service failed (exit-code); "
+                        "no other good slot, staying on A\n")
+
+
+def test_health_reports_a_failed_mark_good(health_server, stubs):
+    (stubs["dir"] / "rauc-rc").write_text("1")
+    url = f"http://127.0.0.1:{health_server.server_port}/health"
+    p, _ = run_health(stubs, url, timeout_s=30)
+    assert p.returncode == 1
+    assert "could not be marked good" in p.stdout
+
+
+# ---------------------------------------------------------------------- RAUC handlers
+
+def test_pre_install_snapshots_the_config(tmp_path):
+    home, sysdir = tmp_path / "home", tmp_path / "home/system"
+    home.mkdir()
+    (home / "config.json").write_text('{"api": {"port": 8080}, "future": 1}\n')
+    os.chmod(home / "config.json", 0o640)
+    conf = tmp_path / "updates.conf"
+    conf.write_text(f"THOX_HOME={home}\nTHOX_SYSTEM_DIR={sysdir}\n")
+    p = run([str(PRE)], env=dict(os.environ, THOX_UPDATES_CONF=str(conf)))
+    snap = sysdir / "config-before-update.json"
+    assert snap.read_text() == (home / "config.json").read_text()
+    assert (snap.stat().st_mode & 0o777) == 0o640
+    assert "config snapshot" in p.stdout
+    # no config yet (a fresh box): nothing to keep, not an error
+    (home / "config.json").unlink()
+    snap.unlink()
+    run([str(PRE)], env=dict(os.environ, THOX_UPDATES_CONF=str(conf)))
+    assert not snap.exists()
+
+
+def _ext4(path: Path, size_mb: int = 8) -> Path:
+    run(["truncate", "-s", f"{size_mb}M", str(path)])
+    run(["mkfs.ext4", "-q", "-F", str(path)])
+    return path
+
+
+def _debugfs_cat(image: Path, inner: str) -> str:
+    return run(["debugfs", "-R", f"cat {inner}", str(image)]).stdout
+
+
+def test_post_install_carries_the_machine_id_into_the_target_slot(tmp_path):
+    need_root()
+    need_tools("mkfs.ext4", "debugfs", "mount", "umount")
+    slot_a, slot_b = _ext4(tmp_path / "a.ext4"), _ext4(tmp_path / "b.ext4")
+    mid = tmp_path / "machine-id"
+    mid.write_text("0123456789abcdef0123456789abcdef\n")
+    prefix = tmp_path / "mnt"
+    env = dict(os.environ, MACHINE_ID=str(mid), RAUC_MOUNT_PREFIX=str(prefix),
+               RAUC_SLOTS="1 2", RAUC_TARGET_SLOTS="2",
+               RAUC_SLOT_NAME_1="rootfs.0", RAUC_SLOT_CLASS_1="rootfs", RAUC_SLOT_DEVICE_1=str(slot_a),
+               RAUC_SLOT_BOOTNAME_1="A",
+               RAUC_SLOT_NAME_2="rootfs.1", RAUC_SLOT_CLASS_2="rootfs", RAUC_SLOT_DEVICE_2=str(slot_b),
+               RAUC_SLOT_BOOTNAME_2="B")
+    p = run([str(POST)], env=env)
+    assert f"machine-id copied into {slot_b}" in p.stdout
+    assert _debugfs_cat(slot_b, "/etc/machine-id") == mid.read_text()
+    assert "machine-id" not in run(["debugfs", "-R", "ls /", str(slot_a)]).stdout
+    assert not list(prefix.iterdir()), "the mount point is left behind"
+    assert str(prefix) not in Path("/proc/mounts").read_text()
+    # an empty (uninitialised) machine-id is refused: nothing is written
+    mid.write_text("")
+    p = run([str(POST)], env=dict(env, RAUC_TARGET_SLOTS="1"), check=False)
+    assert p.returncode != 0 and "holds no machine id" in p.stderr
+    assert "machine-id" not in run(["debugfs", "-R", "ls /", str(slot_a)]).stdout
+    # no rootfs among the targets: an error, not a silent success
+    mid.write_text("0123456789abcdef0123456789abcdef\n")
+    p = run([str(POST)], env=dict(env, RAUC_TARGET_SLOTS=""), check=False)
+    assert p.returncode != 0 and "no rootfs slot" in p.stderr
+
+
+# ---------------------------------------------------------------------- ssh host keys
+
+def test_hostkeys_makes_each_missing_key_once(tmp_path):
+    need_tools("ssh-keygen")
+    d = tmp_path / "system/ssh"
+    p = run([str(HOSTKEYS), str(d)], timeout=300)
+    keys = sorted(x.name for x in d.iterdir())
+    assert keys == sorted(f"ssh_host_{t}_key{s}" for t in ("ed25519", "rsa", "ecdsa") for s in ("", ".pub"))
+    for t in ("ed25519", "rsa", "ecdsa"):
+        assert (d / f"ssh_host_{t}_key").stat().st_mode & 0o077 == 0
+        run(["ssh-keygen", "-l", "-f", str(d / f"ssh_host_{t}_key.pub")])
+    assert p.stdout.count("made ") == 3
+    before = {k: (d / k).read_bytes() for k in keys}
+    (d / "ssh_host_rsa_key").unlink()
+    (d / "ssh_host_rsa_key.pub").unlink()
+    p = run([str(HOSTKEYS), str(d)], timeout=300)
+    assert p.stdout.count("made ") == 1 and "ssh_host_rsa_key" in p.stdout
+    for k in keys:
+        if "rsa" not in k:
+            assert (d / k).read_bytes() == before[k], k
+
+
+def test_shell_scripts_pass_shellcheck():
+    need_tools("shellcheck")
+    p = run(["shellcheck", "-s", "sh", *map(str, SHELL_SCRIPTS)], check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_health_script_compiles_standalone():
+    """/usr/bin/python3 runs it on the device: the standard library only."""
+    src = HEALTH.read_text()
+    assert src.startswith("#!/usr/bin/python3\n")
+    compile(src, str(HEALTH), "exec")
+    for mod in ("import requests", "import httpx", "from thox"):
+        assert mod not in src
