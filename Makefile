@@ -16,7 +16,7 @@ DEMO_WHEEL_DIR := $(CACHE)/pip-dl
 # a dev THOX_HOME for `make serve` (the device uses /var/lib/thox)
 DEV_HOME     ?= $(CURDIR)/.thox-home
 HOSTPORT     ?= 127.0.0.1:8080
-APT_PACKAGES := build-essential cmake git curl python3-venv python3-pip nodejs npm
+APT_PACKAGES := build-essential cmake git curl python3-venv python3-pip nodejs npm age zstd rauc squashfs-tools openssl
 PYTEST_ARGS  ?=
 
 export THOX_CACHE := $(CACHE)

@@ -4,21 +4,23 @@ Run by root against a ``THOX_HOME`` that belongs to another user (the device's
 ``thox`` service user), the command first becomes that user (groups, gid, uid;
 saved ids too), so every file it writes (API key, config, admin password,
 models) belongs to the user the service runs as, and nothing in that
-directory can make root write elsewhere.
+directory can make root write elsewhere. ``update``, ``backup`` and
+``factory-reset`` (``cli_system``) stay root for their system part and write
+under THOX_HOME as its owner (``privileges``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import pwd
 import sys
 from typing import Any
 
 from . import __version__
-from .config import KEYS, Config, thox_home
+from .cli_system import add_parsers as add_system_parsers
+from .config import KEYS, Config
 from .errors import ThoxError
+from .privileges import act_as_home_owner
 from .ui import format_bytes, format_duration
 
 
@@ -284,42 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = m.add_parser("status", help="on disk, loaded, memory, last use")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_models_status)
+    add_system_parsers(sub)
     return p
-
-
-def act_as_home_owner() -> None:
-    """As root, become the owner of THOX_HOME when that is another user."""
-    if os.geteuid() != 0:
-        return
-    home = thox_home()
-    try:
-        st = os.stat(home)
-    except FileNotFoundError:
-        return
-    if st.st_uid == 0:
-        return
-    try:
-        pw: pwd.struct_passwd | None = pwd.getpwuid(st.st_uid)
-    except KeyError:
-        pw = None
-    gid = pw.pw_gid if pw else st.st_gid
-    try:
-        os.setgroups(os.getgrouplist(pw.pw_name, gid) if pw else [gid])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(st.st_uid, st.st_uid, st.st_uid)
-    except OSError as e:
-        raise ThoxError(f"cannot act as the owner (uid {st.st_uid}) of {home}: {e.strerror}; "
-                        f"run thox as that user") from None
-    if pw:
-        os.environ.update({"USER": pw.pw_name, "LOGNAME": pw.pw_name})
-        if os.path.isdir(pw.pw_dir):
-            os.environ["HOME"] = pw.pw_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        act_as_home_owner()
+        if not getattr(args, "keep_root", False):
+            act_as_home_owner()
         return int(args.func(args) or 0)
     except ThoxError as e:
         print(f"thox: error: {e.message}", file=sys.stderr)

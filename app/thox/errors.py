@@ -69,3 +69,17 @@ class StoreError(ThoxError):
 
     status = 400
     code = "store_error"
+
+
+class UpdateError(ThoxError):
+    """Firmware updates: RAUC missing or failing, a bundle download or upload refused."""
+
+    status = 400
+    code = "update_error"
+
+
+class BackupError(ThoxError):
+    """Backups: a file that cannot be decrypted or verified, a member refused, age or zstd failing."""
+
+    status = 400
+    code = "backup_error"

@@ -168,7 +168,41 @@ def progress_renderer(stream: TextIO | None = None) -> ProgressCallback:
     return TerminalProgressBar(stream) if tty else LineProgress(stream)
 
 
+class StepProgress:
+    """Progress of a job that reports a percentage and a step name (a
+    firmware install): a redrawn bar on a terminal, else one line per new
+    step. Call ``end()`` after the last report."""
+
+    def __init__(self, label: str, stream: TextIO | None = None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self._last: tuple[int, str] | None = None
+
+    def __call__(self, percent: int, step: str) -> None:
+        if (percent, step) == self._last:
+            return
+        self._last = (percent, step)
+        if self.tty:
+            width = max(40, shutil.get_terminal_size((80, 20)).columns - 1)
+            stats = f" {percent:3d}% {step}"
+            barw = max(10, min(40, width - len(self.label) - len(stats) - 4))
+            filled = int(percent * barw / 100)
+            self.stream.write(f"\r\x1b[K{self.label} [{'#' * filled}{'-' * (barw - filled)}]{stats}"[:width + 5])
+        else:
+            self.stream.write(f"{self.label}: {percent}% {step}\n")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.tty and self._last is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 __all__ = [
     "SIZE_UNITS", "format_bytes", "format_rate", "format_duration", "PullProgress", "ProgressCallback",
-    "describe_progress", "TerminalProgressBar", "LineProgress", "progress_renderer",
+    "describe_progress", "TerminalProgressBar", "LineProgress", "progress_renderer", "StepProgress",
 ]

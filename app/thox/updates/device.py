@@ -1,0 +1,105 @@
+"""The system side of updates, restore and factory reset.
+
+* The API unit: ``thox-api.service`` is stopped and started (systemctl, as
+  root) around a restore when it is installed, that is when its unit file is
+  in one of systemd's unit directories (``THOX_UNIT_DIRS``, colon-separated,
+  names others); on a development machine there is none and nothing is done.
+* Reboots: root runs ``systemctl reboot``; the service user writes the
+  request file ``$THOX_HOME/requests/reboot``, which a root path unit
+  (thox-reboot.path) turns into a reboot.
+* Factory reset: the one-shot flag ``/boot/efi/thox/factory-reset`` on the
+  ESP (``THOX_FACTORY_RESET_FLAG`` names another path); at the next boot
+  thox-factory-reset.service wipes the data partition and removes the flag.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from ..config import atomic_write, thox_home
+from ..errors import ThoxError
+
+API_UNIT = "thox-api.service"
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+             "/usr/lib/systemd/system", "/lib/systemd/system")
+FACTORY_RESET_FLAG = "/boot/efi/thox/factory-reset"
+REBOOT_REQUEST = Path("requests") / "reboot"
+
+
+def api_unit_installed() -> bool:
+    dirs = os.environ.get("THOX_UNIT_DIRS")
+    return any((Path(d) / API_UNIT).exists() for d in (dirs.split(":") if dirs else UNIT_DIRS) if d)
+
+
+def _systemctl(*args: str) -> None:
+    exe = shutil.which("systemctl")
+    if exe is None:
+        raise ThoxError("systemctl is not installed: cannot " + " ".join(args))
+    p = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        why = (p.stderr.strip() or p.stdout.strip() or f"exit {p.returncode}").splitlines()[-1]
+        raise ThoxError(f"systemctl {' '.join(args)} failed: {why}")
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise ThoxError(f"{what} needs root: run it with sudo")
+
+
+def stop_api() -> bool:
+    """Stop the API service when it is installed; False (nothing done) on a dev machine."""
+    if not api_unit_installed():
+        return False
+    require_root("stopping thox-api.service")
+    _systemctl("stop", API_UNIT)
+    return True
+
+
+def start_api() -> None:
+    _systemctl("start", API_UNIT)
+
+
+def request_reboot(home: Path | None = None) -> str:
+    """Reboot now (root) or ask the root path unit to (the service user).
+    Returns what was done, for the user."""
+    if os.geteuid() == 0:
+        _systemctl("reboot")
+        return "rebooting"
+    path = reboot_request_path(home)
+    atomic_write(path, f"{int(time.time())}\n".encode(), 0o644)
+    return f"reboot requested ({path})"
+
+
+def reboot_request_path(home: Path | None = None) -> Path:
+    return (home or thox_home()) / REBOOT_REQUEST
+
+
+def factory_reset_flag() -> Path:
+    return Path(os.environ.get("THOX_FACTORY_RESET_FLAG") or FACTORY_RESET_FLAG)
+
+
+def write_factory_reset_flag() -> Path:
+    """Write the one-shot flag; its directory (thox/ on the ESP) must exist."""
+    flag = factory_reset_flag()
+    if not flag.parent.is_dir():
+        raise ThoxError(f"{flag.parent} does not exist: a factory reset works on a Thox device "
+                        f"(its ESP mounted at /boot/efi)")
+    if not os.access(flag.parent, os.W_OK):
+        raise ThoxError(f"cannot write {flag}: a factory reset needs root (run it with sudo)")
+    # the ESP is vfat: no chmod (atomic_write's fchmod fails there); the flag's presence is what counts
+    tmp = flag.with_name(flag.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(f"requested {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, flag)
+    fd = os.open(flag.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return flag
