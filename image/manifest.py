@@ -108,15 +108,22 @@ def image_conf(root: Path) -> dict:
     return dict(line.split("=", 1) for line in f.read_text().splitlines() if "=" in line and not line.startswith("#"))
 
 
-def write_manifest(ctx: Context, img: Path, out: Path, timings: dict, *, kernel: str | None = None,
+def write_manifest(ctx: Context, img: Path, out: Path, timings: dict, *, version: str, kernel: str | None = None,
                    kernel_cmdline: str | None = None) -> dict:
+    """The image's bill of materials into out; the bundles recorded there before whose files
+    are still next to it are kept (key `bundles`)."""
     lists_file = ctx.root / RECORDS / "apt-lists.json"
     lists = json.loads(lists_file.read_text()) if lists_file.exists() else []
     mirror, security = image_mirrors(pins.DEBIAN_SUITE)
     wheel = ctx.llama_wheel
+    try:
+        bundles = [b for b in json.loads(out.read_text()).get("bundles", []) if (out.parent / b["file"]).exists()]
+    except (OSError, ValueError, KeyError, TypeError):
+        bundles = []
     m = {
         "image": img.name,
         "target": ctx.target,
+        "version": version,
         "sha256": sha256_file(img),
         "bytes": img.stat().st_size,
         "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "ansible",
@@ -132,6 +139,7 @@ def write_manifest(ctx: Context, img: Path, out: Path, timings: dict, *, kernel:
         "models": model_files(ctx.root),
         "llama_cpp_python_wheel": {"file": wheel.name, "sha256": sha256_file(wheel)} if wheel else None,
         "build": {"stage_seconds": timings, "host": os.uname().nodename},
+        "bundles": bundles,
     }
     out.write_text(json.dumps(m, indent=1) + "\n")
     return m

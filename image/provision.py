@@ -120,6 +120,8 @@ def provision_inputs(ctx: Context, base_tar: Path) -> dict[str, str]:
             "ansible": f"{ctx.use_ansible} {ansible_version(ctx.use_ansible)}",
             "wheels": wheels,
             "ansible_vars": json.dumps(ctx.ansible_vars(), sort_keys=True),
+            # the keyring's path is a variable; its content goes into the image too
+            "keyring": sha256_file(ctx.keyring) if ctx.keyring else "-",
             # app/ holds versions.env; systemd/ the unit templates
             "ansible_app_systemd": tree_digest([REPO / "ansible", REPO / "app", REPO / "systemd"])
             if ctx.use_ansible else "-",

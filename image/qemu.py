@@ -3,8 +3,12 @@
     python3 -m image run  [--image build/thox-amd64.img] [--api-port 8080] [--ssh-port 2222]
     python3 -m image demo [...]   boot, wait for /health, print base URL + API key, run until Ctrl-C
 
-The built image is never written to: each boot runs on a qcow2 overlay (8 GiB, so the
-first-boot growroot has room to grow). The SSH key to trust is handed in at run time as
+The built image is never written to: it boots from a qcow2 overlay (8 GiB, so the first-boot
+growth of the data partition has room), <rundir>/disk.qcow2, made anew for each run; with
+--disk FILE the overlay is FILE, made when missing and kept otherwise, so the same disk boots
+again in a later run (a writable raw or qcow2 disk of your own works too). A reboot inside the
+guest restarts the VM on the same disk (no -no-reboot): the A/B updates switch slots that way,
+and the i6300esb watchdog resets a hung guest. The SSH key to trust is handed in at run time as
 the systemd credential thox.ssh_authorized_keys (SMBIOS type 11); none is in the image.
 
 QEMU runs in its own session, so a terminal's signals reach only this script, and every way
@@ -56,18 +60,21 @@ def ensure_key(keyfile: Path) -> Path:
 def qemu_cmd(overlay: Path, vars_fd: Path, *, api_port: int, ssh_port: int, pubkey: str | None,
              console: str, mem_mib: int = 2048, smp: int = 2, accel: str = "tcg",
              qmp: Path | None = None) -> list[str]:
-    """QEMU command line: q35 + OVMF, virtio disk/net/rng, user networking with the two forwards.
+    """QEMU command line: q35 + OVMF, virtio disk/net/rng, the i6300esb watchdog (its action: reset),
+    user networking with the two forwards. The disk is qcow2 unless its name ends otherwise (raw).
 
     -cpu max under TCG offers AVX2/FMA/F16C, which the portable llama.cpp build uses."""
+    fmt = "qcow2" if overlay.suffix == ".qcow2" else "raw"
     cmd = ["qemu-system-x86_64", "-machine", f"q35,accel={accel}", "-cpu", "max" if accel == "tcg" else "host",
            "-smp", str(smp), "-m", str(mem_mib), "-nodefaults", "-no-user-config",
            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
            "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
-           "-drive", f"if=virtio,format=qcow2,file={overlay},discard=unmap",
+           "-drive", f"if=virtio,format={fmt},file={overlay},discard=unmap",
            "-netdev", f"user,id=n0,hostname=thox,hostfwd=tcp:127.0.0.1:{api_port}-:8080,"
                       f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
            "-device", "virtio-net-pci,netdev=n0",
            "-device", "virtio-rng-pci",
+           "-device", "i6300esb", "-action", "watchdog=reset",
            "-display", "none", "-vga", "none"]
     if console == "stdio":
         cmd += ["-serial", "mon:stdio"]
@@ -82,18 +89,25 @@ def qemu_cmd(overlay: Path, vars_fd: Path, *, api_port: int, ssh_port: int, pubk
     return cmd
 
 
-def prepare(image: Path, rundir: Path, disk_gib: int = 8) -> tuple[Path, Path]:
-    if not image.exists():
-        raise BuildError(f"{image} does not exist: run `make image` first")
+def prepare(image: Path, rundir: Path, disk_gib: int = 8, disk: Path | None = None) -> tuple[Path, Path]:
+    """The writable disk to boot and the firmware's variables. disk None: a new qcow2 overlay of
+    image, <rundir>/disk.qcow2. A disk given that exists is kept as it is (with the variables of
+    its earlier runs), one that does not is made as that overlay."""
     for f in (OVMF_CODE, OVMF_VARS):
         if not f.exists():
             raise BuildError(f"{f} missing: run `make image-deps` (package ovmf)")
     rundir.mkdir(parents=True, exist_ok=True)
-    overlay = rundir / "disk.qcow2"
+    vars_fd = rundir / "OVMF_VARS.fd"
+    overlay = disk or rundir / "disk.qcow2"
+    if disk is not None and disk.exists():
+        if not vars_fd.exists():
+            shutil.copyfile(OVMF_VARS, vars_fd)
+        return disk, vars_fd
+    if not image.exists():
+        raise BuildError(f"{image} does not exist: run `make image` first")
     overlay.unlink(missing_ok=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.resolve()),
                     str(overlay), f"{disk_gib}G"], check=True)
-    vars_fd = rundir / "OVMF_VARS.fd"
     shutil.copyfile(OVMF_VARS, vars_fd)
     return overlay, vars_fd
 
@@ -281,6 +295,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of `python -m image run` and `python -m image demo`."""
     ap.add_argument("--image", default=str(REPO / "build/thox-amd64.img"))
     ap.add_argument("--rundir", default=str(REPO / "build/run"))
+    ap.add_argument("--disk", default=None,
+                    help="the writable disk to boot: made as an overlay of --image when missing, kept when present "
+                         "(default: a new <rundir>/disk.qcow2 each run)")
     ap.add_argument("--api-port", type=int, default=int(os.environ.get("API_PORT", 8080)))
     ap.add_argument("--ssh-port", type=int, default=int(os.environ.get("SSH_PORT", 2222)))
     ap.add_argument("--key", default="", help="private key whose .pub the device trusts (default: a throwaway one)")
@@ -298,7 +315,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     rundir = Path(args.rundir)
     try:
-        overlay, vars_fd = prepare(Path(args.image), rundir)
+        overlay, vars_fd = prepare(Path(args.image), rundir, disk=Path(args.disk).resolve() if args.disk else None)
         key = Path(args.key) if args.key else ensure_key(rundir / "id_ed25519")
         pub = Path(str(key) + ".pub").read_text()
         user = image_ssh_user(Path(args.image).parent / "manifest.json")

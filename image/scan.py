@@ -12,6 +12,11 @@ from pathlib import Path
 
 from .common import BuildError, statefiles
 from .context import Context
+from .slot import FACTORY_DATA
+
+# THOX_HOME as provisioned, and where an image keeps its contents (the data partition's first
+# contents, FACTORY_DATA): the app's secret files are looked for in both
+HOMES = (statefiles.DEFAULT_HOME, "/" + FACTORY_DATA)
 
 # what a build leaves behind that has no place in an image; the secret and per-device
 # files are the app's list (statefiles.secret_paths), removed and scanned for as such
@@ -35,8 +40,9 @@ def clean_rootfs(root: Path) -> None:
     """Remove the secret and per-device files, the package lists and caches; empty the logs
     (their files, owners and modes stay). /etc/machine-id stays as an empty file: systemd's
     first-boot marker, which makes a new id on the device."""
-    for p in statefiles.secret_paths(root):
-        _rm(p)
+    for home in HOMES:
+        for p in statefiles.secret_paths(root, home):
+            _rm(p)
     for pattern in BUILD_LEFTOVERS:
         for p in glob.glob(str(root / pattern)):
             _rm(Path(p))
@@ -50,7 +56,8 @@ def scan_rootfs(root: Path) -> list[str]:
     """Everything secret or per-device found in a root directory (empty list: clean): the
     app's secret files and the host's per-device files (statefiles.leaked), and private-key
     blocks in any file that is not a program."""
-    problems = [f"{rel}: secret or per-device file" for rel in statefiles.leaked(root)]
+    leaked = sorted({rel for home in HOMES for rel in statefiles.leaked(root, home)})
+    problems = [f"{rel}: secret or per-device file" for rel in leaked]
     bad, _ = private_keys_in_tree(root)
     problems += [f"{p} holds a private key" for p in bad]
     return problems

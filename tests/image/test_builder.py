@@ -1,17 +1,18 @@
-"""Unit tests of the amd64 image builder's parts (no image is built here: seconds)."""
+"""Unit tests of the amd64 image builder's parts (no VM is booted here: seconds). The disk
+layout, GRUB's files and the update bundles are made for real from a small fake root fs."""
 import ast
 import json
 import os
+import subprocess
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-from image import bootstrap, common, manifest, provision, qemu, scan
+from image import bootstrap, bundle, common, disk, esp, manifest, provision, qemu, scan, slot
 from image.__main__ import main
 from image.common import REPO, pins, statefiles
 from image.context import Context
-from image.disk import ESP_PARTUUID, ROOT_PARTUUID
 from image.targets import amd64
 
 KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "\n".join(["b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW"] * 4)
@@ -85,10 +86,15 @@ def test_builder_removes_and_scans_with_the_apps_secret_list(tmp_path):
 
 
 def test_finalize_leaves_a_clean_tree_and_changes_nothing_else(tmp_path):
-    """Finalize removes what a build leaves and records the package lists; every other change
-    to the tree (host name, units, fstab, network) is the roles' (the image role)."""
+    """Finalize removes what a build leaves, records the package lists and moves the data
+    directory's contents to the factory data (the data partition is made from it; the mount
+    point stays, empty, with its owner and mode); every other change to the tree (host name,
+    units, fstab, network) is the roles' (the image role)."""
     root = _tree(tmp_path)
     (root / "root/notes.txt").unlink()
+    os.chown(root / "var/lib/thox", 999, 995)
+    os.chmod(root / "var/lib/thox", 0o750)
+    os.chown(root / "var/lib/thox/config.json", 999, 995)
     ctx = Context(target="amd64", arch="amd64", out=tmp_path / "out", root=root, cache=tmp_path / "cache")
     amd64.finalize(ctx)
     assert scan.scan_rootfs(root) == []
@@ -99,6 +105,12 @@ def test_finalize_leaves_a_clean_tree_and_changes_nothing_else(tmp_path):
     assert lists[0]["date"] == "Sat, 08 Nov 2025 09:20:41 UTC" and lists[0]["codename"] == "bookworm"
     for untouched in ("etc/hostname", "etc/hosts", "etc/fstab", "etc/systemd", "etc/thox", "etc/resolv.conf"):
         assert not (root / untouched).exists(), untouched
+    factory = root / slot.FACTORY_DATA
+    assert list((root / "var/lib/thox").iterdir()) == []
+    assert sorted(p.name for p in factory.iterdir()) == ["config.json"], "the API key is gone, the config kept"
+    for d in (root / "var/lib/thox", factory, factory / "config.json"):
+        assert (d.stat().st_uid, d.stat().st_gid) == (999, 995), d
+    assert factory.stat().st_mode & 0o777 == 0o750
 
 
 def test_raw_image_scan(tmp_path):
@@ -134,7 +146,9 @@ def test_playbook_command_uses_chroot_connection_and_image_vars(tmp_path):
     assert ctx.ansible_vars() == {
         "thox_image_build": True, "thox_target": "generic", "thox_api_llama_wheel": "/w/llama.whl",
         "thox_api_wheelhouse_tar": "/w/wh.tar", "models_demo_wheel": "/w/demo.whl", "x": 1,
-        "image_root_partuuid": ROOT_PARTUUID, "image_esp_partuuid": ESP_PARTUUID}
+        "image_esp_partlabel": "esp", "image_data_partlabel": "thox-data"}
+    ctx.keyring = Path("/k/ca.cert.pem")
+    assert ctx.ansible_vars()["updates_keyring_cert"] == "/k/ca.cert.pem"
     cmd = provision.ansible_cmd(ctx, tmp_path / "inv.json", "ap")
     assert cmd[:4] == ["ap", "-i", str(tmp_path / "inv.json"), str(REPO / "ansible/site.yml")]
     assert json.loads(cmd[cmd.index("-e") + 1]) == ctx.ansible_vars()
@@ -174,6 +188,29 @@ def test_qemu_command_line(tmp_path):
     assert "io.systemd.credential.binary:thox.ssh_authorized_keys=" in s
     assert f"file={qemu.OVMF_CODE}" in s and "readonly=on" in s
     assert "-serial mon:stdio" in s
+    assert "-device i6300esb" in s and "-action watchdog=reset" in s
+    assert "-no-reboot" not in cmd, "a reboot in the guest restarts it on the same disk"
+    assert f"format=qcow2,file={tmp_path / 'd.qcow2'}" in s
+    raw = qemu.qemu_cmd(tmp_path / "d.img", tmp_path / "vars.fd", api_port=1, ssh_port=2, pubkey=None, console="x")
+    assert f"format=raw,file={tmp_path / 'd.img'}" in " ".join(raw)
+
+
+def test_run_keeps_a_given_disk(tmp_path):
+    """--disk: made as an overlay of the image when missing, booted as it is when present (its
+    writes and firmware variables kept); the default overlay is made anew each run."""
+    image = tmp_path / "img.raw"
+    image.write_bytes(b"\0" * 4096)
+    d = tmp_path / "keep.qcow2"
+    overlay, vars_fd = qemu.prepare(image, tmp_path / "run", disk=d)
+    assert overlay == d and d.exists()
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 512", str(d)], check=True, capture_output=True)
+    vars_fd.write_bytes(b"vars of the first run")
+    assert qemu.prepare(image, tmp_path / "run", disk=d) == (d, vars_fd)
+    read = subprocess.run(["qemu-io", "-c", "read -P 0x5a 0 512", str(d)], capture_output=True, text=True)
+    assert "Pattern verification failed" not in read.stdout + read.stderr and read.returncode == 0
+    assert vars_fd.read_bytes() == b"vars of the first run"
+    fresh, _ = qemu.prepare(image, tmp_path / "run")
+    assert fresh == tmp_path / "run/disk.qcow2" and vars_fd.read_bytes() != b"vars of the first run"
 
 
 def test_failed_build_leaves_no_image(tmp_path, monkeypatch, capsys):
@@ -238,3 +275,201 @@ def test_the_apps_llama_pin_is_the_pinned_version(repo):
     deps = tomllib.loads((repo / "app/pyproject.toml").read_text())["project"]["dependencies"]
     assert f"llama-cpp-python=={pins.LLAMA_CPP_PYTHON_VERSION}" in deps
     assert (repo / "versions.env").resolve() == pins.VERSIONS_FILE
+
+
+# ------------------------------------------------------------------ disk, GRUB, bundles
+KERNEL_VERSION = "6.1.0-99-amd64"
+
+
+def _fake_root(tmp_path: Path) -> Path:
+    """A small provisioned-looking root fs: os-release, a kernel and initrd behind the /boot
+    links, and the data directory (owned by a service user) that finalize moves away."""
+    root = tmp_path / "rootfs"
+    for d in ("usr/lib", "etc", "boot", "var/lib/thox/models/m"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "usr/lib/os-release").write_text('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n')
+    (root / "etc/os-release").symlink_to("../usr/lib/os-release")
+    (root / f"boot/vmlinuz-{KERNEL_VERSION}").write_bytes(b"kernel")
+    (root / f"boot/initrd.img-{KERNEL_VERSION}").write_bytes(b"initrd")
+    (root / "boot/vmlinuz").symlink_to(f"vmlinuz-{KERNEL_VERSION}")
+    (root / "boot/initrd.img").symlink_to(f"initrd.img-{KERNEL_VERSION}")
+    (root / "var/lib/thox/config.json").write_text("{}")
+    (root / "var/lib/thox/models/m/model.gguf").write_bytes(b"GGUF" * 1000)
+    for p in [root / "var/lib/thox", *(root / "var/lib/thox").rglob("*")]:
+        os.chown(p, 999, 995)
+    os.chmod(root / "var/lib/thox", 0o750)
+    slot.move_factory_data(root)
+    return root
+
+
+def _debugfs(img: Path, offset_mib: int, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, f"{img}?offset={offset_mib << 20}"], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_disk_layout_slots_and_data_partition(tmp_path):
+    """The GPT of a built disk: ESP, thox-a and thox-b of the same fixed size, thox-data last;
+    slot A's ext4 holds the version in os-release (the root fs it was made from unchanged),
+    slot B is empty, thox-data is the factory data with its owner and mode."""
+    root = _fake_root(tmp_path)
+    ctx = Context(target="amd64", arch="amd64", out=tmp_path / "out", root=root, cache=tmp_path / "cache")
+    esp_file, img = tmp_path / "esp.img", tmp_path / "disk.img"
+    esp.stage_esp(ctx, esp_file)
+    disk.stage_disk(ctx, esp_file, img, "7.1")
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    parts = table["partitions"]
+    assert [p["name"] for p in parts] == ["esp", "thox-a", "thox-b", "thox-data"]
+    assert [p["uuid"].lower() for p in parts] == [disk.ESP_PARTUUID, disk.SLOT_A_PARTUUID, disk.SLOT_B_PARTUUID,
+                                                  disk.DATA_PARTUUID]
+    mib = (1 << 20) // table["sectorsize"]
+    assert parts[0]["size"] == disk.ESP_MIB * mib
+    assert parts[1]["size"] == parts[2]["size"] == slot.SLOT_MIB * mib
+    assert parts[3]["start"] == parts[2]["start"] + parts[2]["size"], "the data partition is the last one"
+    assert img.stat().st_size == (parts[3]["start"] + parts[3]["size"]) * table["sectorsize"] + (1 << 20)
+    a, b, data = (p["start"] // mib for p in parts[1:])
+    release = _debugfs(img, a, "cat /usr/lib/os-release")
+    assert "ID=debian" in release and "IMAGE_ID=thox\nIMAGE_VERSION=7.1\n" in release
+    assert "IMAGE_VERSION" not in (root / "usr/lib/os-release").read_text(), "the cached root fs is not changed"
+    assert f'Fast link dest: "vmlinuz-{KERNEL_VERSION}"' in _debugfs(img, a, "stat /boot/vmlinuz")
+    assert "config.json" in _debugfs(img, a, f"ls /{slot.FACTORY_DATA}")
+    with open(img, "rb") as f:
+        f.seek(b << 20)
+        assert f.read(1 << 20).count(0) == 1 << 20, "slot B holds nothing in a fresh image"
+    stat = _debugfs(img, data, "stat /")
+    assert "Mode:  0750" in stat and "User:   999   Group:   995" in stat
+    assert "model.gguf" in _debugfs(img, data, "ls /models/m")
+    label = subprocess.run(["dumpe2fs", "-h", f"{img}?offset={data << 20}"], capture_output=True, text=True).stdout
+    assert "Filesystem volume name:   thox-data" in label
+
+
+def test_grub_config_and_initial_env(tmp_path):
+    """grub.cfg is RAUC's documented A/B script (ORDER, X_OK, X_TRY via load_env/save_env on the
+    ESP) with one entry per slot that loads the slot's own /boot/vmlinuz; valid GRUB script.
+    The ESP holds GRUB as the removable-media loader, grub.cfg and the initial grubenv."""
+    cfg = esp.grub_cfg()
+    for line in ('set ORDER="A B"', "load_env --file $prefix/grubenv", "save_env --file $prefix/grubenv A_TRY B_TRY",
+                 'if [ "$OK" -eq 1 -a "$TRY" -eq 0 ]; then', 'if [ "$any_ok" -eq 0 ]; then'):
+        assert line in cfg, line
+    for name, n, puuid in (("A", 2, disk.SLOT_A_PARTUUID), ("B", 3, disk.SLOT_B_PARTUUID)):
+        assert (f"linux ($bootdisk,gpt{n})/boot/vmlinuz root=PARTUUID={puuid} rw rootwait console=tty0 "
+                f"console=ttyS0,115200 net.ifnames=1 panic=30 rauc.slot={name}\n") in cfg
+        assert f"initrd ($bootdisk,gpt{n})/boot/initrd.img\n" in cfg
+    assert cfg.index('menuentry "Thox slot A') < cfg.index('menuentry "Thox slot B'), "entry 0 is A, 1 is B"
+    (tmp_path / "grub.cfg").write_text(cfg)
+    subprocess.run(["grub-script-check", str(tmp_path / "grub.cfg")], check=True)
+
+    root = _fake_root(tmp_path)
+    ctx = Context(target="amd64", arch="amd64", out=tmp_path, root=root, cache=tmp_path / "cache")
+    esp.stage_esp(ctx, tmp_path / "esp.img")
+    env = {"MTOOLS_SKIP_CHECK": "1", **os.environ}
+    listing = subprocess.run(["mdir", "-i", str(tmp_path / "esp.img"), "-/", "-b", "::/"], capture_output=True,
+                             text=True, env=env, check=True).stdout.split()
+    files = sorted(f for f in listing if not f.endswith("/"))
+    assert files == ["::/EFI/BOOT/BOOTX64.EFI", "::/EFI/thox/grub.cfg", "::/EFI/thox/grubenv", "::/thox/README.txt"]
+    for name in ("grubenv", "grub.cfg"):
+        subprocess.run(["mcopy", "-i", str(tmp_path / "esp.img"), f"::/EFI/thox/{name}", str(tmp_path / f"esp-{name}")],
+                       env=env, check=True)
+    assert (tmp_path / "esp-grub.cfg").read_text() == cfg
+    assert (tmp_path / "esp-grubenv").stat().st_size == 1024
+    values = subprocess.run(["grub-editenv", str(tmp_path / "esp-grubenv"), "list"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert sorted(values) == sorted(["ORDER=A B", "A_OK=1", "B_OK=0", "A_TRY=0", "B_TRY=0"])
+    efi = subprocess.run(["mtype", "-i", str(tmp_path / "esp.img"), "::/EFI/BOOT/BOOTX64.EFI"], capture_output=True,
+                         env=env, check=True).stdout
+    assert efi[:2] == b"MZ" and b"/EFI/thox" in efi, "a PE binary with $prefix /EFI/thox"
+
+
+def _rauc_info(keyring: Path, raucb: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["rauc", "info", f"--keyring={keyring}", "--output-format=json", str(raucb)],
+                          capture_output=True, text=True)
+
+
+def test_bundle_is_signed_verity_and_refused_with_another_ca(tmp_path):
+    """A bundle of the fake root fs, signed with the cache's test CA: `rauc info` with that CA
+    verifies it (compatible thox-amd64, the version, format verity, one ext4 image of a slot's
+    size); a bundle signed by another CA is refused against this CA, and the other way round.
+    The overlay's files are in the bundle's slot, the root fs is unchanged."""
+    root = _fake_root(tmp_path)
+    ours = bundle.test_ca(tmp_path / "cache")
+    assert ours.test and bundle.is_test_cert(ours.keyring) and "PRIVATE" not in ours.keyring.read_text()
+    assert bundle.test_ca(tmp_path / "cache") == ours and ours.cert.read_bytes() == ours.cert.read_bytes()
+    overlay = tmp_path / "overlay"
+    (overlay / "etc").mkdir(parents=True)
+    (overlay / "etc/thox-overlay").write_text("bad version\n")
+    out = tmp_path / "out" / bundle.bundle_name("3-bad")
+    out.parent.mkdir()
+    bundle.make_bundle(root, out, "3-bad", ours, overlay=overlay)
+    assert out.name == "thox-amd64-3-bad.raucb" and not list(out.parent.glob(".*"))
+    p = _rauc_info(ours.keyring, out)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert (info["compatible"], info["version"]) == ("thox-amd64", "3-bad")
+    text = subprocess.run(["rauc", "info", f"--keyring={ours.keyring}", str(out)], capture_output=True, text=True)
+    assert "Bundle Format: \tverity" in text.stdout, text.stdout
+    assert [i["rootfs"]["filename"] for i in info["images"]] == ["rootfs.ext4"]
+    assert info["images"][0]["rootfs"]["size"] == slot.SLOT_MIB << 20
+    assert not (root / "etc/thox-overlay").exists()
+    subprocess.run(["unsquashfs", "-q", "-n", "-d", str(tmp_path / "content"), str(out)], check=True,
+                   capture_output=True)
+    fs = tmp_path / "content/rootfs.ext4"
+    assert _debugfs(fs, 0, "cat /etc/thox-overlay") == "bad version\n"
+    assert "IMAGE_VERSION=3-bad" in _debugfs(fs, 0, "cat /usr/lib/os-release")
+
+    other = bundle.test_ca(tmp_path / "other-cache")
+    theirs = tmp_path / "out" / bundle.bundle_name("2")
+    bundle.make_bundle(root, theirs, "2", other)
+    for keyring, raucb in ((ours.keyring, theirs), (other.keyring, out)):
+        p = _rauc_info(keyring, raucb)
+        assert p.returncode != 0 and "signature verification failed" in p.stderr, p.stderr
+    entry = bundle.record(tmp_path / "out/manifest.json", out, "3-bad")
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["bundles"] == [entry]
+    assert entry["sha256"] == pins.sha256_file(out) and entry["version"] == "3-bad"
+
+
+def test_release_refuses_the_test_certificate(tmp_path):
+    """RELEASE=1 refuses the throwaway test CA, also when it is handed in as RAUC_CERT/RAUC_KEYRING;
+    a certificate of another name is accepted; a bundle needs a key."""
+    test = bundle.test_ca(tmp_path / "cache")
+    with pytest.raises(common.BuildError, match=r"^RELEASE=1 refuses the test certificate .*Thox TEST"):
+        bundle.signing(tmp_path / "cache", {"RELEASE": "1"}, need_key=True)
+    given = {"RAUC_CERT": str(test.cert), "RAUC_KEY": str(test.key), "RAUC_KEYRING": str(test.keyring), "RELEASE": "1"}
+    with pytest.raises(common.BuildError, match="refuses the test certificate"):
+        bundle.signing(tmp_path / "cache", given, need_key=True)
+    with pytest.raises(common.BuildError, match="refuses the test certificate"):
+        bundle.signing(tmp_path / "cache", {"RAUC_KEYRING": str(test.keyring), "RELEASE": "1"}, need_key=False)
+    assert bundle.signing(tmp_path / "cache", {**given, "RELEASE": ""}, need_key=True).keyring == test.keyring
+    key, cert = tmp_path / "rel.key", tmp_path / "rel.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/O=Thox/CN=Thox release", "-days", "30"],
+                   check=True, capture_output=True)
+    rel = bundle.signing(tmp_path / "cache", {"RAUC_CERT": str(cert), "RAUC_KEY": str(key), "RELEASE": "1"},
+                         need_key=True)
+    assert (rel.cert, rel.keyring, rel.test) == (cert, cert, False)
+    with pytest.raises(common.BuildError, match="needs both RAUC_CERT and RAUC_KEY"):
+        bundle.signing(tmp_path / "cache", {"RAUC_CERT": str(cert)}, need_key=True)
+
+
+def test_release_build_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    """`python3 -m image bundle` with RELEASE=1 and no keys: exit 1, the stage named, one line
+    saying why; no bundle."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("THOX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RELEASE", "1")
+    for var in ("RAUC_CERT", "RAUC_KEY", "RAUC_KEYRING"):
+        monkeypatch.delenv(var, raising=False)
+    rc = main(["bundle", "--no-ansible", "--version", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "FAILED in stage 'keyring'" in err
+    assert [line for line in err.splitlines() if "RELEASE=1 refuses the test certificate" in line]
+    assert not list((tmp_path / "out").glob("*.raucb"))
+
+
+def test_version_and_os_release():
+    assert slot.default_version() == pins.VERSIONS["THOX_VERSION"]
+    assert slot.os_release("ID=debian\nIMAGE_VERSION=1\n", "2") == "ID=debian\nIMAGE_ID=thox\nIMAGE_VERSION=2\n"
+    for bad in ("", "../x", "a b", "-1", "x" * 65):
+        with pytest.raises(common.BuildError):
+            slot.check_version(bad)
+    assert bundle.manifest_text("2").splitlines()[:3] == ["[update]", "compatible=thox-amd64", "version=2"]
+    assert "[bundle]\nformat=verity\n" in bundle.manifest_text("2")

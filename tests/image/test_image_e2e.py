@@ -123,22 +123,27 @@ def test_nothing_secret_or_per_device_in_the_image(built_image, image):
 
 
 # ------------------------------------------------------------------ first boot
-FIRST_BOOT_UNITS = ["thox-ssh-import", "thox-growroot", "thox-ssh-hostkeys", "thox-api"]
+FIRST_BOOT_UNITS = ["thox-ssh-import", "thox-growdata", "thox-ssh-hostkeys", "thox-api"]
 
 
 def test_first_boot_made_the_device_its_own(vm):
     parts = ["cat /etc/machine-id", "hostname", "ls /etc/ssh/", "stat -c '%a %U' /var/lib/thox/api_key",
              # one state per unit; `|| true`: is-active exits non-zero when any unit is not active
              "systemctl is-active " + " ".join(FIRST_BOOT_UNITS) + " || true",
-             "findmnt -n -b -o SIZE /", "systemctl --failed --no-legend --plain"]
+             "findmnt -n -b -o SIZE /var/lib/thox", "systemctl --failed --no-legend --plain",
+             "cat /proc/cmdline", ". /etc/os-release; echo $IMAGE_VERSION", "findmnt -n -b -o SIZE /"]
     out = ssh(vm, "; echo @@; ".join(parts))
-    machine_id, hostname, ssh_dir, key_stat, states, size, failed = [x.strip() for x in out.split("@@")]
+    machine_id, hostname, ssh_dir, key_stat, states, size, failed, cmdline, version, root = [
+        x.strip() for x in out.split("@@")]
     assert re.fullmatch(r"[0-9a-f]{32}", machine_id)
     assert hostname == "thox"
     assert "ssh_host_ed25519_key" in ssh_dir.split()
     assert key_stat == "600 thox"
     assert dict(zip(FIRST_BOOT_UNITS, states.split())) == {u: "active" for u in FIRST_BOOT_UNITS}
-    assert int(size) > 4 * 1024 ** 3, "root fs grown to the 8 GiB disk"
+    assert int(size) > 3 * 1024 ** 3, "the data partition grown to the 8 GiB disk"
+    assert "rauc.slot=A" in cmdline.split() and "rw" in cmdline.split(), "GRUB booted slot A"
+    assert version == pins.VERSIONS["THOX_VERSION"]
+    assert int(root) <= 2 * 1024 ** 3, "the root slot keeps its fixed size"
     assert failed == "", f"failed units: {failed}"
 
 

@@ -114,8 +114,7 @@ def test_image_build_in_chroot(inputs, image_root):
     role readies the tree for its first boot (units, network, fstab, no console prompt)."""
     hostname_before = os.uname().nodename
     t0 = time.monotonic()
-    parts = {"image_root_partuuid": "00000000-0000-4000-8000-000000000003",
-             "image_esp_partuuid": "00000000-0000-4000-8000-000000000002"}
+    parts = {"image_esp_partlabel": "esp", "image_data_partlabel": "thox-data"}
     p = _chroot_playbook(image_root, "site.yml", {**_common_vars(inputs), "thox_image_build": True, **parts},
                          LOGS / "provision-chroot.log")
     _metrics(image_build_chroot_s=round(time.monotonic() - t0, 1))
@@ -128,7 +127,7 @@ def test_image_build_in_chroot(inputs, image_root):
     assert (r / "var/lib/thox/models/thox-demo/manifest.json").is_file()
     assert not (r / "usr/sbin/policy-rc.d").exists()
     for unit in ("thox-api.service", "thox-firstboot.service", "nftables.service", "avahi-daemon.service",
-                 "ssh.service", "thox-growroot.service", "thox-ssh-hostkeys.service", "thox-ssh-import.service",
+                 "ssh.service", "thox-growdata.service", "thox-ssh-hostkeys.service", "thox-ssh-import.service",
                  "systemd-networkd.service", "systemd-resolved.service"):
         # the links point into the image (absolute targets): test the links, not their targets
         links = [d / unit for d in (r / "etc/systemd/system").glob("*.wants") if (d / unit).is_symlink()]
@@ -139,10 +138,13 @@ def test_image_build_in_chroot(inputs, image_root):
     assert os.readlink(r / "etc/systemd/system/systemd-firstboot.service") == "/dev/null"
     assert "THOX_SSH_USER=root" in (r / "etc/thox/image.conf").read_text().splitlines()
     fstab = (r / "etc/fstab").read_text()
-    assert f"PARTUUID={parts['image_root_partuuid']}\t/\text4" in fstab
-    assert f"PARTUUID={parts['image_esp_partuuid']}\t/boot/efi\tvfat" in fstab and (r / "boot/efi").is_dir()
+    assert "PARTLABEL=esp\t/boot/efi\tvfat\tumask=0077" in fstab and (r / "boot/efi").is_dir()
+    assert "PARTLABEL=thox-data\t/var/lib/thox\text4\tdefaults,x-systemd.growfs" in fstab
+    assert not [line for line in fstab.splitlines() if line.split()[1:2] == ["/"]], "root comes from the cmdline"
+    for link in ("boot/vmlinuz", "boot/initrd.img"):
+        assert (r / link).is_symlink() and (r / link).resolve().is_file(), link
     assert "DHCP=yes" in (r / "etc/systemd/network/80-thox-wired.network").read_text()
-    assert os.access(r / "usr/local/sbin/thox-growroot", os.X_OK) and os.access(r / "usr/local/sbin/thox-ssh-import", os.X_OK)
+    assert os.access(r / "usr/local/sbin/thox-growdata", os.X_OK) and os.access(r / "usr/local/sbin/thox-ssh-import", os.X_OK)
     assert os.readlink(r / "etc/resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
 
 

@@ -22,7 +22,7 @@ UNIT_ROLES = {
     "thox-firstboot.service": "thox_api",
     "thox-jetson-clocks.service": "jetson",
     "thox-lan-sets.service": "firewall",
-    "thox-growroot.service": "image",
+    "thox-growdata.service": "image",
     "thox-ssh-import.service": "image",
     "thox-ssh-hostkeys.service": "ssh",
     "thox-health.service": "updates",
@@ -67,7 +67,7 @@ def _verify_root(tmp_path: Path, units: dict[str, str], prefix: str = "/opt/thox
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     for exe in (f"{prefix.strip('/')}/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel",
-                "usr/local/sbin/thox-lan-sets", "usr/local/sbin/thox-growroot", "usr/local/sbin/thox-ssh-import",
+                "usr/local/sbin/thox-lan-sets", "usr/local/sbin/thox-growdata", "usr/local/sbin/thox-ssh-import",
                 "usr/bin/ssh-keygen", "usr/local/sbin/thox-ssh-hostkeys", "usr/local/lib/thox/thox-health",
                 "usr/sbin/mkfs.ext4", "usr/bin/rm", "usr/bin/systemctl"):
         p = root / exe
