@@ -8,7 +8,7 @@
 ANSIBLE_VENV      := $(CURDIR)/.venv-ansible
 ANSIBLE_BIN       := $(ANSIBLE_VENV)/bin
 PROVISION_APT     := nftables mmdebstrap systemd-container openssh-client iproute2 util-linux curl \
-                     python3-venv python3-pip
+                     python3-venv python3-pip shellcheck rauc dbus e2fsprogs openssl
 # pinned: ansible 11 (ansible-core 2.18, runs on Python 3.11 controllers)
 ANSIBLE_PIP       := ansible==11.13.0 ansible-core==2.18.19 ansible-lint==26.10.1 \
                      pytest==9.2.0 pytest-testinfra==10.2.2 pyyaml

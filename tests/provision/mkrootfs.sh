@@ -21,8 +21,8 @@ out="$cache/rootfs/debian12-thox-$key.tar"
 
 # booting, ssh and ansible's own needs: installed
 BOOT_PKGS="systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,iproute2,procps,iputils-ping,netcat-openbsd,ca-certificates"
-# what the roles install (base, mdns, firewall, ssh, thox_api, image): downloaded only
-ROLE_PKGS="acl curl jq less locales tzdata systemd-timesyncd python3-venv libgomp1 avahi-daemon avahi-utils libnss-mdns nftables openssh-server cloud-guest-utils systemd-resolved"
+# what the roles install (base, mdns, firewall, ssh, thox_api, image, updates): downloaded only
+ROLE_PKGS="acl curl jq less locales tzdata systemd-timesyncd python3-venv libgomp1 avahi-daemon avahi-utils libnss-mdns nftables openssh-server cloud-guest-utils systemd-resolved rauc rauc-service age zstd e2fsprogs grub-common"
 
 if [ ! -s "$out" ]; then
   tmp="$out.tmp.$$"
