@@ -115,8 +115,14 @@ def test_image_build_in_chroot(inputs, image_root):
     hostname_before = os.uname().nodename
     t0 = time.monotonic()
     parts = {"image_esp_partlabel": "esp", "image_data_partlabel": "thox-data"}
-    p = _chroot_playbook(image_root, "site.yml", {**_common_vars(inputs), "thox_image_build": True, **parts},
+    # the CA certificate update bundles are signed against (a throwaway one; its key is not kept)
+    ca = image_root.parent / (image_root.name + "-ca.pem")
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "/dev/null", "-out", str(ca), "-subj", "/CN=Thox TEST provisioning CA", "-days", "1"])
+    p = _chroot_playbook(image_root, "site.yml", {**_common_vars(inputs), "thox_image_build": True, **parts,
+                                                  "updates_keyring_cert": str(ca)},
                          LOGS / "provision-chroot.log")
+    ca.unlink()
     _metrics(image_build_chroot_s=round(time.monotonic() - t0, 1))
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     assert _recap(p.stdout)["failed"] == 0
@@ -128,6 +134,7 @@ def test_image_build_in_chroot(inputs, image_root):
     assert not (r / "usr/sbin/policy-rc.d").exists()
     for unit in ("thox-api.service", "thox-firstboot.service", "nftables.service", "avahi-daemon.service",
                  "ssh.service", "thox-growdata.service", "thox-ssh-hostkeys.service", "thox-ssh-import.service",
+                 "thox-health.service", "thox-reboot.path", "thox-factory-reset.service",
                  "systemd-networkd.service", "systemd-resolved.service"):
         # the links point into the image (absolute targets): test the links, not their targets
         links = [d / unit for d in (r / "etc/systemd/system").glob("*.wants") if (d / unit).is_symlink()]
