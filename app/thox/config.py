@@ -8,6 +8,12 @@ Layout of ``$THOX_HOME`` (default ``/var/lib/thox``)::
 
 Every write is atomic (temp file in the same directory, fsync, rename), so a
 crash leaves the old or the new file, never a torn one.
+
+Reading ignores what this version does not know: keys it has no ``Key``
+for, and stored values its parser refuses (the default applies), so a slot
+rolled back to an older version still starts with config written by a newer
+one. Writing keeps them: ``set`` and ``unset`` change one key of the file
+and leave every other entry as it was.
 """
 
 from __future__ import annotations
@@ -185,6 +191,7 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("engine.parallel", _parse_parallel, 4, "slots per model: requests generated at once, each with a KV "
         "cache of engine.n_ctx tokens (auto = as many as fit half of models.memory_budget, up to 8)"),
     Key("engine.n_gpu_layers", _parse_int(-1, 100000), -1, "layers offloaded to the GPU (-1 = all)"),
+    Key("updates.max_upload_bytes", _parse_size, 4 << 30, "largest update bundle the web page accepts (413 above)"),
 ]}
 
 
@@ -233,7 +240,10 @@ class Config:
             return self.api_key()
         data = self._load()
         if key in data:
-            return data[key]
+            try:
+                return KEYS[key].parse(data[key])
+            except (ValueError, TypeError):
+                pass     # a value this version cannot read (written by a newer one): the default
         if key == "models.memory_budget":
             return _default_memory_budget()
         return KEYS[key].default

@@ -69,13 +69,14 @@ def request_reboot(home: Path | None = None) -> str:
     if os.geteuid() == 0:
         _systemctl("reboot")
         return "rebooting"
-    path = reboot_request_path(home)
+    return f"reboot requested ({write_reboot_request(home)})"
+
+
+def write_reboot_request(home: Path | None = None) -> Path:
+    """The request file thox-reboot.path acts on (never a reboot by itself)."""
+    path = (home or thox_home()) / REBOOT_REQUEST
     atomic_write(path, f"{int(time.time())}\n".encode(), 0o644)
-    return f"reboot requested ({path})"
-
-
-def reboot_request_path(home: Path | None = None) -> Path:
-    return (home or thox_home()) / REBOOT_REQUEST
+    return path
 
 
 def factory_reset_flag() -> Path:

@@ -11,6 +11,7 @@ the server's copy is the same (``If-Range`` with its ETag or Last-Modified).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -140,15 +141,16 @@ class _Fetch:
             except _Restart:
                 have = 0
                 self._emit("retrying", 0, "the bundle changed on the server: starting over")
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
+            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
                 failures += 1
                 have = self.part.stat().st_size if self.part.exists() else 0
-                why = getattr(e, "reason", None) or e
+                why = getattr(e, "reason", None) or (
+                    "the connection closed early" if isinstance(e, http.client.IncompleteRead) else e)
                 if failures >= RETRIES:
                     raise UpdateError(f"cannot download {self.url}: {why} (run the same command again to "
                                       f"resume)") from None
                 self._emit("retrying", have, f"{why}; retrying")
-                time.sleep(min(2 ** failures, 30))
+                time.sleep(min(2 ** (failures - 1), 30))
         if self.total is not None and have != self.total:
             raise UpdateError(f"the server sent {have} bytes, more than the {self.total} it announced")
         os.replace(self.part, self.dest)

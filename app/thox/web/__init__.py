@@ -43,7 +43,8 @@ Security model (plain HTTP on a LAN, so no ``Secure`` cookies):
 Modules: ``security`` (Host check, CSRF and Origin, headers, sign-in
 limiter), ``sessions`` (session store, per-app web state), ``views`` (page
 data and rendering), ``routes`` (the blueprint: hooks and routes), ``admin``
-(the admin password). ``register(app)`` is all the app needs to call.
+(the admin password), ``firmware`` (versions, bundle upload and install,
+reboot request). ``register(app)`` is all the app needs to call.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ from .sessions import WebState
 def register(app: Quart) -> None:
     """Mount the web pages on ``app`` (the API's Quart app), with the Host
     header guard in front of the whole app."""
+    from . import firmware     # adds the firmware routes to the blueprint
     app.extensions["thox_web"] = WebState()
+    app.request_class = firmware.upload_request_class(app.request_class)
     app.register_blueprint(blueprint)
     app.asgi_app = guard_host_header(app.asgi_app)

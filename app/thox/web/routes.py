@@ -1,6 +1,7 @@
 """The web pages' blueprint: request hooks (Host check, session, Origin and
 CSRF checks, security headers), HTML error pages, and the routes: ``/``,
-``/status.json``, sign-in and sign-out, password change and key rotation."""
+``/status.json``, sign-in and sign-out, password change and key rotation
+(the firmware routes are in ``firmware``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ log = logging.getLogger("thox.web")
 
 blueprint = Blueprint("thox_web", __name__, template_folder="templates", static_folder="static",
                       static_url_path="/assets")
+
+# POSTs whose body the view streams (an update bundle): the view checks the CSRF token
+STREAMED_ENDPOINTS = ("thox_web.update_upload",)
 
 # what a signed-in session that must change its password may still reach
 MUST_CHANGE_ENDPOINTS = ("thox_web.password", "thox_web.password_post", "thox_web.logout", "thox_web.static",
@@ -76,6 +80,8 @@ async def _load_session():
         if not origin_ok(request.headers.get("Origin"), request.headers.get("Host", "")):
             log.warning("web: cross-origin POST refused from %s", client_ip())
             return await error_page(403, "Forbidden", "This form was sent from another web site.")
+        if request.endpoint in STREAMED_ENDPOINTS:
+            return None       # the view reads the body itself and checks the CSRF token first
         form = await request.form
         token = form.get("csrf") or request.headers.get("X-CSRF-Token") or ""
         if s is None or not csrf_ok(token, s.csrf):
@@ -121,11 +127,13 @@ async def index():
     s = current_session()
     data = status_data()
     base = api_base_url()
-    api_key = None
+    api_key = firmware = None
     if s is not None and s.signed_in and not s.must_change:
+        from .firmware import firmware_view
         api_key = config().api_key()
+        firmware = await firmware_view()
     return await page("index.html", status_info=data, base_url=base,
-                      snippets=snippets(base, default_model(data["models"])), api_key=api_key)
+                      snippets=snippets(base, default_model(data["models"])), api_key=api_key, firmware=firmware)
 
 
 @blueprint.get("/status.json")

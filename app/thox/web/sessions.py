@@ -94,13 +94,14 @@ class Sessions:
 
 
 class WebState:
-    """What the web pages keep per app: sessions, the sign-in limiter, and
-    the lock that runs one password hash (scrypt) at a time."""
+    """What the web pages keep per app: sessions, the sign-in limiter, the
+    lock that runs one password hash (scrypt) at a time, and the firmware job."""
 
     def __init__(self) -> None:
         self.sessions = Sessions()
         self.limiter = LoginLimiter()
         self.hash_lock = asyncio.Lock()   # one scrypt at a time: bounded CPU and memory
+        self.firmware: Any = None         # web.firmware.FirmwareJob, made on first use
 
 
 # --------------------------------------------------------------------------- inside a request
