@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,8 @@ from ..errors import ThoxError
 from ..updates import device, rauc
 from .routes import blueprint
 from .security import csrf_ok
-from .sessions import Session, client_ip, config, flash, web_state
+from .firmware_view import FirmwareJob, job
+from .sessions import Session, client_ip, config, flash
 from .views import error_page
 
 log = logging.getLogger("thox.web")
@@ -42,28 +42,6 @@ log = logging.getLogger("thox.web")
 UPLOAD_PATH = "/update/upload"
 UPLOAD_NAME = "web-upload.raucb"
 MAX_FIELD = 4096
-
-
-@dataclass
-class FirmwareJob:
-    """The one install the page runs at a time."""
-    state: str = "idle"           # idle | uploading | installing | installed | failed
-    percent: int = 0
-    step: str = ""
-    version: str | None = None
-    error: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def busy(self) -> bool:
-        return self.state in ("uploading", "installing")
-
-
-def job() -> FirmwareJob:
-    st = web_state()
-    if st.firmware is None:
-        st.firmware = FirmwareJob()
-    return st.firmware
 
 
 def upload_request_class(base: type[Request]) -> type[Request]:
@@ -80,16 +58,6 @@ def upload_request_class(base: type[Request]) -> type[Request]:
     return UploadRequest
 
 
-async def firmware_view() -> dict[str, Any]:
-    """What the page's firmware card shows."""
-    out: dict[str, Any] = {"job": job(), "status": None, "error": None}
-    try:
-        out["status"] = await asyncio.to_thread(rauc.system_status)
-    except ThoxError as e:
-        out["error"] = e.message
-    return out
-
-
 def _signed_in() -> Session | None:
     s: Session | None = g.get("web_session")
     return s if s is not None and s.signed_in else None
@@ -100,7 +68,9 @@ async def _stream_upload(s: Session, dest_dir: Path, cap: int) -> Path:
     ctype, opts = parse_options_header(request.headers.get("Content-Type", ""))
     if ctype != "multipart/form-data" or not opts.get("boundary"):
         raise _Refused(400, "Bad request", "Send the bundle with the page's upload form (multipart/form-data).")
-    decoder = MultipartDecoder(opts["boundary"].encode(), max_form_memory_size=MAX_FIELD * 4, max_parts=8)
+    # no max_form_memory_size: it bounds the decoder's input buffer (one body chunk), not a field;
+    # fields are bounded below (MAX_FIELD), the file by `cap`
+    decoder = MultipartDecoder(opts["boundary"].encode(), max_parts=8)
     dest_dir.mkdir(parents=True, exist_ok=True)
     part = dest_dir / f".upload-{secrets.token_hex(6)}.part"
     fields: dict[str, bytearray] = {}

@@ -15,6 +15,7 @@ from quart import Blueprint, Response, current_app, g, redirect, request
 from werkzeug.exceptions import HTTPException
 
 from . import admin
+from .firmware_view import firmware_view
 from .security import BAD_HOST, csrf_ok, known_host, origin_ok, set_security_headers
 from .sessions import (COOKIE, Session, client_ip, config, current_session, end_session, flash,
                        password_generation, start_session, web_state)
@@ -129,7 +130,6 @@ async def index():
     base = api_base_url()
     api_key = firmware = None
     if s is not None and s.signed_in and not s.must_change:
-        from .firmware import firmware_view
         api_key = config().api_key()
         firmware = await firmware_view()
     return await page("index.html", status_info=data, base_url=base,
