@@ -125,9 +125,21 @@ def test_upload_needs_the_csrf_token(fw, admin):
 
 
 def test_too_large_is_refused(fw, admin):
+    """Sent chunked (no length announced): refused once the file passes the cap."""
     token = csrf_of(admin.get("/").text)
-    r = upload(admin, os.urandom(UPLOAD_CAP + 4096), token)
-    assert r.status_code == 413 and "<html" in r.text.lower()
+    boundary = "thoxtestboundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{token}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="big.raucb"\r\n'
+            f'Content-Type: application/octet-stream\r\n\r\n').encode()
+
+    def body():
+        yield head
+        for _ in range(UPLOAD_CAP // 65536 + 2):
+            yield os.urandom(65536)
+        yield f"\r\n--{boundary}--\r\n".encode()
+    r = admin.post("/update/upload", content=body(),
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413 and "updates.max_upload_bytes" in r.text
     assert updates_files(fw) == []
 
 

@@ -7,7 +7,10 @@ The upload (``POST /update/upload``, multipart) is streamed to
 hooks leave its body alone (``STREAMED_ENDPOINTS``) and this module reads
 the form part by part. Its ``csrf`` field must come before the file (it does
 in the page's form); a file part without a valid token before it is a 403.
-The body may be as large as ``updates.max_upload_bytes`` (413 above). After
+The body may be as large as ``updates.max_upload_bytes`` (413 above; a
+body announced larger is refused before it is read). A refused upload's body
+is read to its end and dropped before the answer, so the client, still
+sending, gets to read it. After
 the upload, RAUC checks the bundle (``rauc info``: signature, compatible) and
 installs it in the background; the page shows the progress and RAUC's error
 if any. The reboot button writes the request file that the root unit
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from quart import Request, g, redirect, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
@@ -139,22 +142,46 @@ async def _install(path: Path, j: FirmwareJob) -> None:
         path.unlink(missing_ok=True)
 
 
+async def _drain(limit: int) -> None:
+    """Read and drop the rest of the body (up to ``limit`` bytes), so the
+    client, still sending, gets to read the answer."""
+    n = 0
+    try:
+        async for chunk in request.body:
+            n += len(chunk)
+            if n > limit:
+                return
+    except HTTPException:
+        return
+
+
+async def _refuse(status: int, title: str, message: str, cap: int):
+    await _drain(cap)
+    return await error_page(status, title, message)
+
+
 @blueprint.post(UPLOAD_PATH)
 async def update_upload():
+    cap = int(config().get("updates.max_upload_bytes"))
     s = _signed_in()
     if s is None:
-        return await error_page(403, "Sign in first", "Sign in with the admin password to install an update.")
+        return await _refuse(403, "Sign in first", "Sign in with the admin password to install an update.", cap)
     j = job()
     if j.busy or j.lock.locked():
-        return await error_page(409, "Update in progress", "An update is being uploaded or installed already.")
+        return await _refuse(409, "Update in progress", "An update is being uploaded or installed already.", cap)
     async with j.lock:
         j.state, j.error, j.percent, j.step, j.version = "uploading", None, 0, "uploading", None
         try:
-            cap = int(config().get("updates.max_upload_bytes"))
             path = await _stream_upload(s, config().home / "updates", cap)
         except _Refused as e:
             j.state = "idle"
-            return await error_page(e.status, e.title, e.message)
+            return await _refuse(e.status, e.title, e.message, cap)
+        except RequestEntityTooLarge:
+            j.state = "idle"
+            if request.content_length is not None and request.content_length > cap:
+                raise        # announced too large: answered at once, nothing read
+            return await _refuse(413, "Request too large", f"The bundle is larger than the limit "
+                                 f"(updates.max_upload_bytes = {cap} bytes).", cap)
         except BaseException:
             j.state = "idle"
             raise
