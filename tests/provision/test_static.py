@@ -69,7 +69,7 @@ def _verify_root(tmp_path: Path, units: dict[str, str], prefix: str = "/opt/thox
     for exe in (f"{prefix.strip('/')}/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel",
                 "usr/local/sbin/thox-lan-sets", "usr/local/sbin/thox-growdata", "usr/local/sbin/thox-ssh-import",
                 "usr/bin/ssh-keygen", "usr/local/sbin/thox-ssh-hostkeys", "usr/local/lib/thox/thox-health",
-                "usr/sbin/mkfs.ext4", "usr/bin/rm", "usr/bin/systemctl"):
+                "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -28,8 +29,9 @@ FILES = ANSIBLE_DIR / "roles/updates/files"
 HEALTH = FILES / "thox-health"
 PRE = FILES / "rauc-pre-install"
 POST = FILES / "rauc-post-install"
+RESET = FILES / "thox-factory-reset"
 HOSTKEYS = ANSIBLE_DIR / "roles/ssh/files/thox-ssh-hostkeys"
-SHELL_SCRIPTS = [PRE, POST, HOSTKEYS]
+SHELL_SCRIPTS = [PRE, POST, RESET, HOSTKEYS]
 
 # `rauc status --output-format=json` of a box booted from B with A good (RAUC 1.8's layout)
 STATUS_B_BOOTED_A_GOOD = {
@@ -251,6 +253,34 @@ def test_post_install_carries_the_machine_id_into_the_target_slot(tmp_path):
     mid.write_text("0123456789abcdef0123456789abcdef\n")
     p = run([str(POST)], env=dict(env, RAUC_TARGET_SLOTS=""), check=False)
     assert p.returncode != 0 and "no rootfs slot" in p.stderr
+
+
+# ---------------------------------------------------------------------- factory reset
+
+def test_factory_reset_makes_the_data_partition_anew(tmp_path):
+    """A used data partition (a file here) becomes the factory data again: label thox-data,
+    top folder owned by the service user with mode 0750, old files gone; the flag is removed."""
+    need_tools("mkfs.ext4", "debugfs")
+    part = _ext4(tmp_path / "data.ext4", 16)
+    run(["debugfs", "-w", "-R", "mkdir canary", str(part)])
+    data = tmp_path / "factory-data"
+    (data / "models").mkdir(parents=True)
+    (data / "config.json").write_text('{"api": {}}\n')
+    flag = tmp_path / "factory-reset"
+    flag.write_text("")
+    p = run([str(RESET), str(part), str(data), str(flag), "daemon:daemon"])
+    assert "made anew" in p.stdout
+    assert not flag.exists()
+    assert run(["blkid", "-s", "LABEL", "-o", "value", str(part)]).stdout.strip() == "thox-data"
+    listing = run(["debugfs", "-R", "ls -l /", str(part)]).stdout
+    assert "canary" not in listing and "models" in listing and "config.json" in listing
+    stat = run(["debugfs", "-R", "stat /", str(part)]).stdout
+    uid, gid = run(["id", "-u", "daemon"]).stdout.strip(), run(["id", "-g", "daemon"]).stdout.strip()
+    assert "Mode:  0750" in stat and re.search(rf"User:\s+{uid}\s+Group:\s+{gid}\b", stat), stat
+    assert _debugfs_cat(part, "/config.json") == '{"api": {}}\n'
+    # a missing folder of factory data: an error, the partition untouched
+    p = run([str(RESET), str(part), str(tmp_path / "none"), str(flag), "daemon:daemon"], check=False)
+    assert p.returncode != 0 and "no " in p.stderr
 
 
 # ---------------------------------------------------------------------- ssh host keys

@@ -51,7 +51,7 @@ def _verify_root(tmp: Path, files: dict[str, str]) -> Path:
     root = tmp / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     for exe in ("opt/thox/venv/bin/thox", "usr/local/lib/thox/thox-health", "usr/local/sbin/thox-ssh-hostkeys",
-                "usr/sbin/mkfs.ext4", "usr/bin/rm", "usr/bin/systemctl"):
+                "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")
@@ -111,8 +111,8 @@ def test_units_follow_the_role_variables(tmp_path):
     f = _lines(files["thox-factory-reset.service"])
     assert r"Before=srv-thox\x2ddata.mount systemd-fsck@dev-disk-by\x2dpartlabel-data\x2dx.service local-fs.target" in f
     assert r"Requires=dev-disk-by\x2dpartlabel-data\x2dx.device" in f
-    assert "ExecStart=/usr/sbin/mkfs.ext4 -F -q -L thox-data -d /usr/lib/thox/factory-data " \
-           "/dev/disk/by-partlabel/data-x" in f
+    assert "ExecStart=/usr/local/lib/thox/thox-factory-reset /dev/disk/by-partlabel/data-x " \
+           "/usr/lib/thox/factory-data /boot/efi/thox/factory-reset svc:thox" in f
     assert "d /srv/thox-data/system 0755 root root -" in _lines(files["tmpfiles.conf"])
     assert "d /srv/thox-data/requests 0750 svc thox -" in _lines(files["tmpfiles.conf"])
     assert "ExecStart=/usr/local/sbin/thox-ssh-hostkeys /srv/thox-data/system/ssh" in _lines(files["thox-ssh-hostkeys.service"])
@@ -125,9 +125,8 @@ def test_factory_reset_runs_before_the_data_partition_is_mounted(amd64):
     for line in ("DefaultDependencies=no", "ConditionPathExists=/boot/efi/thox/factory-reset",
                  "RequiresMountsFor=/boot/efi/thox",
                  r"Before=var-lib-thox.mount systemd-fsck@dev-disk-by\x2dpartlabel-thox\x2ddata.service local-fs.target",
-                 "ExecStart=/usr/sbin/mkfs.ext4 -F -q -L thox-data -d /usr/lib/thox/factory-data "
-                 "/dev/disk/by-partlabel/thox-data",
-                 "ExecStart=/usr/bin/rm -f /boot/efi/thox/factory-reset", "WantedBy=local-fs.target"):
+                 "ExecStart=/usr/local/lib/thox/thox-factory-reset /dev/disk/by-partlabel/thox-data "
+                 "/usr/lib/thox/factory-data /boot/efi/thox/factory-reset thox:thox", "WantedBy=local-fs.target"):
         assert line in f, line
     # the unit names systemd derives from the paths are the ones systemd-escape gives
     if shutil.which("systemd-escape"):
