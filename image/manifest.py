@@ -12,6 +12,7 @@ from pathlib import Path
 from .aptmirror import image_mirrors
 from .common import git, pins, sha256_file, source_date_epoch
 from .context import Context
+from .slot import DATA_MOUNT, FACTORY_DATA
 
 # written into the image by the builder: the package lists' dates (and the base's, by mmdebstrap)
 RECORDS = "var/lib/thox-image"
@@ -75,9 +76,11 @@ def python_packages(root: Path) -> list[dict]:
 
 
 def model_files(root: Path) -> list[dict]:
+    """The model files the image ships: in the factory data (the data partition's first contents)
+    once finalize has moved them there, else in the data directory."""
     out = []
-    models = root / "var/lib/thox/models"
-    for f in sorted(models.glob("*/*")) if models.exists() else []:
+    models = next((d for d in (root / FACTORY_DATA / "models", root / DATA_MOUNT / "models") if d.is_dir()), None)
+    for f in sorted(models.glob("*/*")) if models else []:
         if f.is_file() and f.name != "manifest.json":
             out.append({"model": f.parent.name, "file": f.name, "bytes": f.stat().st_size,
                         "sha256": sha256_file(f)})

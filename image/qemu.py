@@ -60,7 +60,7 @@ def ensure_key(keyfile: Path) -> Path:
 def qemu_cmd(overlay: Path, vars_fd: Path, *, api_port: int, ssh_port: int, pubkey: str | None,
              console: str, mem_mib: int = 2048, smp: int = 2, accel: str = "tcg",
              qmp: Path | None = None) -> list[str]:
-    """QEMU command line: q35 + OVMF, virtio disk/net/rng, the i6300esb watchdog (its action: reset),
+    """QEMU command line: q35 + OVMF, virtio disk/net/rng, watchdogs that reset the guest,
     user networking with the two forwards. The disk is qcow2 unless its name ends otherwise (raw).
 
     -cpu max under TCG offers AVX2/FMA/F16C, which the portable llama.cpp build uses."""
@@ -74,7 +74,9 @@ def qemu_cmd(overlay: Path, vars_fd: Path, *, api_port: int, ssh_port: int, pubk
                       f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
            "-device", "virtio-net-pci,netdev=n0",
            "-device", "virtio-rng-pci",
-           "-device", "i6300esb", "-action", "watchdog=reset",
+           # both watchdogs reset the guest: the i6300esb and q35's own iTCO (which QEMU leaves unable
+           # to reboot unless told; the guest's watchdog0, the one systemd uses)
+           "-device", "i6300esb", "-global", "ICH9-LPC.noreboot=false", "-action", "watchdog=reset",
            "-display", "none", "-vga", "none"]
     if console == "stdio":
         cmd += ["-serial", "mon:stdio"]

@@ -177,6 +177,8 @@ def test_manifest_parsers(tmp_path):
     assert files == [{"model": "thox-demo", "file": "model.gguf", "bytes": 4,
                       "sha256":
                       __import__("hashlib").sha256(b"GGUF").hexdigest()}]
+    slot.move_factory_data(root)
+    assert manifest.model_files(root) == files, "after finalize: the models in the factory data"
 
 
 def test_qemu_command_line(tmp_path):
@@ -188,7 +190,7 @@ def test_qemu_command_line(tmp_path):
     assert "io.systemd.credential.binary:thox.ssh_authorized_keys=" in s
     assert f"file={qemu.OVMF_CODE}" in s and "readonly=on" in s
     assert "-serial mon:stdio" in s
-    assert "-device i6300esb" in s and "-action watchdog=reset" in s
+    assert "-device i6300esb" in s and "-action watchdog=reset" in s and "ICH9-LPC.noreboot=false" in s
     assert "-no-reboot" not in cmd, "a reboot in the guest restarts it on the same disk"
     assert f"format=qcow2,file={tmp_path / 'd.qcow2'}" in s
     raw = qemu.qemu_cmd(tmp_path / "d.img", tmp_path / "vars.fd", api_port=1, ssh_port=2, pubkey=None, console="x")
