@@ -4,7 +4,8 @@
                            [--extra-vars JSON] [--board B] [--ssh-pubkey FILE] [--llama-wheel FILE]
                            [--version V]
     python3 -m image bundle --version V [--overlay DIR] [--cert C --key K [--keyring CA]]
-                                        a signed RAUC bundle build/thox-amd64-<V>.raucb of the same root fs
+                            [--target amd64|jetson-orin] [--board B]
+                                        a signed RAUC bundle build/thox-<target>-<V>.raucb of the same root fs
     python3 -m image wheel              only the portable llama-cpp-python wheel (cached)
     python3 -m image run|demo [...]     boot build/thox-amd64.img in QEMU (see image/qemu.py)
     python3 -m image flash [--board B]  flash the Jetson package (board in recovery mode)
@@ -45,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    help="jetson-orin: aarch64 llama-cpp-python wheel built with GGML_CUDA=on")
     b.add_argument("--version", default=slot.default_version(),
                    help="the image's version (IMAGE_VERSION in os-release; default THOX_VERSION in versions.env)")
-    u = sub.add_parser("bundle", help="a signed RAUC update bundle of the amd64 root fs")
+    u = sub.add_parser("bundle", help="a signed RAUC update bundle of the image's root fs")
+    u.add_argument("--target", default=os.environ.get("TARGET", "amd64"), choices=["amd64", "jetson-orin"])
+    u.add_argument("--board", default=os.environ.get("BOARD", "orin-nano"), help="jetson-orin: the board")
     u.add_argument("--version", required=True, help="the bundle's version")
     u.add_argument("--overlay", default=None, help="a directory whose files are laid over the root fs")
     u.add_argument("--out", default=str(REPO / "build"))
@@ -80,17 +83,21 @@ def build(args: argparse.Namespace) -> int:
         except BlockingIOError:
             log(f"another image build holds {lockfile}; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if getattr(args, "target", "amd64") == "jetson-orin":
-            ctx = jetson.context(args)
-            pubkey = Path(args.ssh_pubkey).read_text().strip() if args.ssh_pubkey else None
-            plan = jetson.Plan(work=ctx.out / "jetson-orin", board=args.board, ssh_pubkey=pubkey)
-            return jetson.build(ctx, plan)
+        overlay = Path(args.overlay).resolve() if getattr(args, "overlay", None) else None
         if args.cmd == "bundle":
             for opt, var in (("cert", "RAUC_CERT"), ("key", "RAUC_KEY"), ("keyring", "RAUC_KEYRING")):
                 if getattr(args, opt):
                     os.environ[var] = getattr(args, opt)
-            return amd64.build_bundle(amd64.context(args), args.version,
-                                      Path(args.overlay).resolve() if args.overlay else None)
+        if getattr(args, "target", "amd64") == "jetson-orin":
+            ctx = jetson.context(args)
+            if args.cmd == "bundle":
+                return jetson.build_bundle(ctx, jetson.Plan(work=ctx.out / "jetson-orin", board=args.board),
+                                           args.version, overlay)
+            pubkey = Path(args.ssh_pubkey).read_text().strip() if args.ssh_pubkey else None
+            plan = jetson.Plan(work=ctx.out / "jetson-orin", board=args.board, ssh_pubkey=pubkey, version=args.version)
+            return jetson.build(ctx, plan)
+        if args.cmd == "bundle":
+            return amd64.build_bundle(amd64.context(args), args.version, overlay)
         return amd64.build(amd64.context(args), args.version)
 
 

@@ -1,12 +1,15 @@
 """Jetson Orin flash package: `make image TARGET=jetson-orin`, then `make flash`.
 
     python3 -m image build --target jetson-orin [--board orin-nano|orin-nx|agx-orin] [--ssh-pubkey FILE]
+    python3 -m image bundle --target jetson-orin --version V [--board ...] [--overlay DIR]
     python3 -m image flash [--board ...] [--out build]
     python3 -m image pin NAME FILE      record the sha256 of a checked download in jetson-pins.json
 
 Stages of `build`:
   fetch       L4T BSP from NVIDIA (or the cache), sha256-checked against jetson-pins.json; Ubuntu's
               arm64 base tarball, checked against Ubuntu's SHA256SUMS signed by the pinned CD image key
+  keyring     the CA certificate the device accepts bundles from (RAUC_KEYRING, or the cache's
+              throwaway test CA; RELEASE=1 refuses that one), for the updates role
   extract     BSP -> <work>/Linux_for_Tegra (its nv_tegra/jetson-ota-public.key is the apt key)
   binfmt      qemu-user (binfmt_misc) must run aarch64 binaries: the roles run inside the arm64 root fs
   rootfs      the BSP's tools/samplefs/nv_build_samplefs.sh (minimal, jammy) on the verified base
@@ -18,9 +21,18 @@ Stages of `build`:
   user        l4t_create_default_user.sh: the admin user, with the host name the roles set;
               its password is locked (ssh key only)
   finalize    no host keys / machine-id / API key in the root fs (same as amd64); /var/lib/thox's
-              contents move to /usr/lib/thox/factory-data (the thox-data ext4 is made from them)
-  package     the board's rootfs A/B layout plus thox-data, the thox-data ext4, then
-              ROOTFS_AB=1 l4t_initrd_flash.sh --no-flash: the flash images, flashed later by `make flash`
+              contents move to /usr/lib/thox/factory-data (the thox-data ext4 is made from them);
+              IMAGE_ID/IMAGE_VERSION in /usr/lib/os-release; /etc/fstab must mount thox-data
+  package     the board's rootfs A/B layout (APP, APP_b of jetson_layout.SLOT_MIB) plus thox-data,
+              the thox-data ext4, then ROOTFS_AB=1 l4t_initrd_flash.sh -S <SLOT_MIB>MiB --no-flash:
+              the flash images, flashed later by `make flash`
+
+Stages of `bundle` (build/thox-jetson-orin-<V>.raucb, compatible thox-jetson-orin):
+  fetch, keyring  as above (no BSP in the cache: the same one-line failure as `build`)
+  package     the flash package's root fs, made by `build` from these very downloads for this board
+  bundle      that root fs as a SLOT_MIB ext4 of version V (overlay laid over it, the board's DTB
+              under /boot/dtb as flash.sh puts it in system.img), signed, checked with `rauc info`
+              against the signer's keyring and the root fs's own /etc/rauc/keyring.pem
 
 Every step is a command built by a function below, so tests check the composition
 without NVIDIA's files (tests/image/test_jetson.py uses fixture tarballs).
@@ -30,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -38,7 +51,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import manifest, provision, scan, slot, wheel
+from .. import bundle, manifest, provision, scan, slot, wheel
 from ..common import REPO, BuildError, StageFailed, Stages, cache_dir, log, run, sha256_file
 from ..context import Context
 from . import jetson_layout, jetson_rootfs
@@ -48,7 +61,12 @@ PINS = Path(os.environ.get("THOX_JETSON_PINS", REPO / "image" / "jetson-pins.jso
 ADMIN_USER = "thox-admin"
 L4T = "Linux_for_Tegra"              # NVIDIA's tree, under <out>/jetson-orin/
 WHEELHOUSE_ARGS = ["--platform", "manylinux2014_aarch64", "--python-version", "3.10", "--implementation", "cp"]
-STAGES = ["fetch", "extract", "binfmt", "rootfs", "provision", "binaries", "user", "finalize", "package"]
+STAGES = ["fetch", "keyring", "extract", "binfmt", "rootfs", "provision", "binaries", "user", "finalize", "package"]
+BUNDLE_STAGES = ["fetch", "keyring", "package", "bundle"]
+TARGET = "jetson-orin"
+COMPATIBLE = f"thox-{TARGET}"                # RAUC's compatible in system.conf and in every bundle
+EXTLINUX = "boot/extlinux/extlinux.conf"     # what UEFI's L4TLauncher boots a slot from
+FSTAB_DATA = re.compile(rf"^PARTLABEL={re.escape(jetson_layout.DATA_LABEL)}\s+/{slot.DATA_MOUNT}\s+ext4\s", re.M)
 APT_KEY = "nv_tegra/jetson-ota-public.key"   # NVIDIA's apt key, inside the sha256-pinned BSP
 DATA_FS_UUID = str(uuid.uuid5(slot.FS_NAMESPACE, "jetson-orin thox-data"))
 
@@ -100,6 +118,7 @@ class Plan:
     board: str = "orin-nano"
     pins: dict = field(default_factory=load_pins)
     ssh_pubkey: str | None = None
+    version: str = field(default_factory=slot.default_version)
 
     @property
     def l4t(self) -> Path:
@@ -119,13 +138,16 @@ class Plan:
 
 def context(args: argparse.Namespace) -> Context:
     out = Path(args.out).resolve()
-    return Context(target="jetson-orin", arch="arm64", out=out,
-                   root=out / "jetson-orin" / L4T / "rootfs", cache=cache_dir(),
+    llama = getattr(args, "llama_wheel", None)
+    return Context(target=TARGET, arch="arm64", out=out,
+                   root=out / TARGET / L4T / "rootfs", cache=cache_dir(),
                    use_ansible=args.ansible, extra_vars=json.loads(args.extra_vars) if args.extra_vars else {},
-                   target_vars={"thox_target": "jetson-orin", "thox_jetson_board": args.board,
+                   target_vars={"thox_target": TARGET, "thox_jetson_board": args.board,
                                 "ssh_user": ADMIN_USER,
-                                "jetson_apt_key_src": str(out / "jetson-orin" / L4T / APT_KEY)},
-                   llama_wheel=Path(args.llama_wheel) if args.llama_wheel else None)
+                                "jetson_apt_key_src": str(out / TARGET / L4T / APT_KEY),
+                                # the image role's fstab mounts thox-data (no ESP on Jetson)
+                                "image_data_partlabel": jetson_layout.DATA_LABEL},
+                   llama_wheel=Path(llama) if llama else None)
 
 
 def extract_cmds(plan: Plan, bsp: Path) -> list[list[str]]:
@@ -161,13 +183,14 @@ def default_user_cmds(plan: Plan, password: str) -> list[list[str]]:
 
 def initrd_flash_cmd(plan: Plan, *, no_flash: bool) -> list[str]:
     """NVIDIA's initrd flash with rootfs A/B (APP, APP_b) and the board's layout as edited by
-    jetson_layout (the flash args name it as {layout})."""
+    jetson_layout (the flash args name it as {layout}); -S: the root fs image (system.img) is
+    as large as a slot, the size a bundle's ext4 has."""
     cfg = plan.board_cfg
     mode = ["--no-flash"] if no_flash else ["--flash-only"]
     layout = jetson_layout.thox_layout_path(cfg["layout"])
     args = [a.replace("{layout}", layout) for a in cfg["flash_args"]]
-    return ["env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh", *mode, *args,
-            cfg["board"], cfg["storage"]]
+    return ["env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh", *mode,
+            "-S", f"{jetson_layout.SLOT_MIB}MiB", *args, cfg["board"], cfg["storage"]]
 
 
 # ---------------------------------------------------------------- checks
@@ -254,8 +277,18 @@ def stage_user(plan: Plan) -> str:
     return f"user {ADMIN_USER} (password locked{', ssh key set' if plan.ssh_pubkey else ''})"
 
 
-def stage_finalize(ctx: Context) -> str:
-    """Same as amd64, except that the owner's public key (SSH_PUBKEY) stays: it is wanted."""
+def stage_keyring(ctx: Context, *, need_key: bool = False) -> tuple[bundle.Signing, str]:
+    """The signing material: the CA certificate the image trusts (the updates role installs
+    it) and, for a bundle, the certificate and key that sign it."""
+    sign = bundle.signing(ctx.cache, need_key=need_key)
+    ctx.keyring = sign.keyring
+    return sign, f"{'test CA ' if sign.test else ''}{sign.keyring}"
+
+
+def stage_finalize(ctx: Context, plan: Plan) -> str:
+    """Same as amd64, except that the owner's public key (SSH_PUBKEY) stays: it is wanted.
+    The image's version goes into os-release; with the roles applied, /etc/fstab must mount
+    thox-data at /var/lib/thox (NVIDIA's packages, installed after the roles, must not undo it)."""
     keep = ctx.root / "home" / ADMIN_USER / ".ssh/authorized_keys"
     saved = keep.read_bytes() if keep.exists() else None
     manifest.record_package_lists(ctx.root)
@@ -265,8 +298,14 @@ def stage_finalize(ctx: Context) -> str:
         keep.write_bytes(saved)
     if problems:
         raise BuildError("secret or per-device data in the root fs: " + "; ".join(problems))
+    fstab = ctx.root / "etc/fstab"
+    if ctx.use_ansible and not (fstab.is_file() and FSTAB_DATA.search(fstab.read_text())):
+        raise BuildError(f"{fstab} does not mount PARTLABEL={jetson_layout.DATA_LABEL} at /{slot.DATA_MOUNT}: "
+                         "the data would be written into the root slot and lost at the next update")
     slot.move_factory_data(ctx.root)
-    return "clean"
+    rel = ctx.root / slot.OS_RELEASE
+    rel.write_text(slot.os_release(rel.read_text() if rel.exists() else "", plan.version))
+    return f"clean, version {plan.version}"
 
 
 def stage_package(ctx: Context, plan: Plan) -> str:
@@ -290,7 +329,9 @@ def build(ctx: Context, plan: Plan) -> int:
     log_l4t = ctx.logdir / "jetson.log"
     try:
         plan.board_cfg  # unknown board: fail before any download
+        slot.check_version(plan.version)
         files = st.run("fetch", fetch_all, plan, dl)
+        st.run("keyring", stage_keyring, ctx)
         st.run("extract", stage_extract, ctx, plan, files)
         st.run("binfmt", check_binfmt)
         st.run("rootfs", stage_rootfs, ctx, plan, files)
@@ -298,9 +339,10 @@ def build(ctx: Context, plan: Plan) -> int:
         st.run("binaries", lambda: run(apply_binaries_cmd(plan), cwd=plan.l4t, logfile=log_l4t)
                and "apply_binaries.sh done")
         st.run("user", stage_user, plan)
-        st.run("finalize", stage_finalize, ctx)
+        st.run("finalize", stage_finalize, ctx, plan)
         st.run("package", stage_package, ctx, plan)
-        done.write_text(json.dumps({"board": plan.board, "l4t": plan.pins["l4t_version"], "rootfs_ab": True,
+        done.write_text(json.dumps({"board": plan.board, "version": plan.version,
+                                    "l4t": plan.pins["l4t_version"], "rootfs_ab": True,
                                     "bsp_sha256": sha256_file(files["bsp"]),
                                     "ubuntu_base": files["tarball"].name,
                                     "ubuntu_base_sha256": sha256_file(files["tarball"])}) + "\n")
@@ -310,6 +352,124 @@ def build(ctx: Context, plan: Plan) -> int:
             log("  " + line)
         return 1
     log(f"flash package ready in {plan.l4t} ({st.total:.0f}s). Put the board in recovery mode and run `make flash`.")
+    return 0
+
+
+# ---------------------------------------------------------------- update bundles
+def package_root(plan: Plan, files: dict[str, Path]) -> str:
+    """The flash package's root fs, when `build` made it from these downloads for this board."""
+    ready = plan.work / ".package-ready"
+    if not ready.is_file():
+        raise BuildError(f"no flash package in {plan.l4t}: run `make image TARGET={TARGET} BOARD={plan.board}` "
+                         "first (a bundle is made from the root fs the flash package is made from)")
+    meta = json.loads(ready.read_text())
+    want = {"board": plan.board, "bsp_sha256": plan.pins["downloads"]["bsp"]["sha256"],
+            "ubuntu_base_sha256": sha256_file(files["tarball"])}
+    stale = [k for k, v in want.items() if meta.get(k) != v]
+    if stale:
+        raise BuildError(f"the flash package in {plan.l4t} was made with another {', '.join(stale)}: "
+                         f"run `make image TARGET={TARGET} BOARD={plan.board}` again")
+    return f"{plan.rootfs} (flash package of version {meta.get('version', '?')}, board {plan.board})"
+
+
+def extlinux_files(text: str) -> list[tuple[str, str]]:
+    """(keyword, path) of every LINUX, INITRD and FDT line of an extlinux.conf."""
+    out = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and words[0].upper() in ("LINUX", "INITRD", "FDT"):
+            out.append((words[0].upper(), words[1]))
+    return out
+
+
+def complete_boot(tree: Path) -> list[str]:
+    """The slot tree as flash.sh writes it into system.img: the DTB that extlinux.conf's FDT
+    line names under /boot/dtb/ is copied there from /boot/ (build_fsimg does the same). Every
+    file extlinux.conf names must then be in the tree: UEFI's L4TLauncher boots the slot from
+    them. Returns the files added."""
+    conf = tree / EXTLINUX
+    if not conf.is_file():
+        raise BuildError(f"the root fs has no /{EXTLINUX}: a Jetson slot boots from it")
+    added, missing = [], []
+    for kind, name in extlinux_files(conf.read_text()):
+        f = tree / name.lstrip("/")
+        src = tree / "boot" / Path(name).name
+        if kind == "FDT" and not os.path.lexists(f) and src.is_file():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, f)
+            added.append(name)
+        if not os.path.lexists(f):
+            missing.append(f"{kind} {name}")
+    if missing:
+        raise BuildError(f"/{EXTLINUX} names files the root fs lacks: {', '.join(missing)}")
+    return added
+
+
+def bundle_cmds(sign: bundle.Signing, content: Path, out: Path, device_keyring: Path | None) -> list[list[str]]:
+    """rauc bundle of the content directory, then `rauc info` against the signer's keyring and,
+    when the root fs has one, against the keyring the device will check it with."""
+    cmds = [["rauc", "bundle", f"--cert={sign.cert}", f"--key={sign.key}", f"--keyring={sign.keyring}",
+             f"--mksquashfs-args={bundle.MKSQUASHFS_ARGS}", str(content), str(out)],
+            ["rauc", "info", f"--keyring={sign.keyring}", str(out)]]
+    if device_keyring is not None:
+        cmds.append(["rauc", "info", f"--keyring={device_keyring}", str(out)])
+    return cmds
+
+
+def make_bundle(root: Path, out: Path, version: str, sign: bundle.Signing, *, overlay: Path | None = None,
+                logfile: Path | None = None) -> Path:
+    """out (a .raucb, compatible thox-jetson-orin): root as a SLOT_MIB ext4 of this version."""
+    if not (sign.cert and sign.key):
+        raise BuildError("a bundle needs a signing certificate and key")
+    slot_mib = jetson_layout.SLOT_MIB
+    used = slot.dir_size(root)
+    if used * slot.HEADROOM > slot_mib << 20:
+        raise BuildError(f"the root file system uses {used >> 20} MiB: more than 1/{slot.HEADROOM} of a "
+                         f"{slot_mib} MiB slot (jetson_layout.SLOT_MIB; a new size needs a reflash)")
+    content, tmp = out.with_name(out.name + ".content"), out.with_name("." + out.name + ".partial")
+    shutil.rmtree(content, ignore_errors=True)
+    content.mkdir(parents=True)
+    tmp.unlink(missing_ok=True)
+    device_keyring = root / "etc/rauc/keyring.pem"
+    try:
+        (content / "manifest.raucm").write_text(bundle.manifest_text(version, COMPATIBLE))
+        with slot.slot_tree(root, version, overlay) as tree:
+            complete_boot(tree)
+            slot.mkfs_ext4(tree, content / bundle.IMAGE_FILE, slot_mib, label="thox-root",
+                           fs_uuid=slot.slot_fs_uuid(version), logfile=logfile)
+        for c in bundle_cmds(sign, content, tmp, device_keyring if device_keyring.is_file() else None):
+            run(c, logfile=logfile)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(content, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def build_bundle(ctx: Context, plan: Plan, version: str, overlay: Path | None = None) -> int:
+    """build/thox-jetson-orin-<version>.raucb from the flash package's root fs."""
+    dl = Path(os.environ.get("THOX_JETSON_DL", ctx.cache / "jetson"))
+    target = ctx.out / bundle.bundle_name(version, TARGET)
+    st = Stages(BUNDLE_STAGES)
+    try:
+        plan.board_cfg
+        slot.check_version(version)
+        files = st.run("fetch", fetch_all, plan, dl)
+        sign, _ = st.run("keyring", stage_keyring, ctx, need_key=True)
+        st.run("package", package_root, plan, files)
+
+        def make() -> str:
+            make_bundle(plan.rootfs, target, version, sign, overlay=overlay, logfile=ctx.logdir / "jetson-bundle.log")
+            entry = bundle.record(ctx.out / "manifest.json", target, version, COMPATIBLE)
+            return f"{target.name}: {entry['bytes'] >> 20} MiB, sha256 {entry['sha256'][:16]}…"
+        st.run("bundle", make)
+    except StageFailed as e:
+        log(str(e).splitlines()[0])
+        for line in str(e).splitlines()[1:][-20:]:
+            log("  " + line)
+        log(f"no bundle written ({target} left as it was)")
+        return 1
+    log(f"bundle ready: {target} (version {version}, {COMPATIBLE}) in {st.total:.1f}s")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The Jetson flash layout: NVIDIA's rootfs A/B partition XML (APP and APP_b, flashed with
 ROOTFS_AB=1) with a `thox-data` partition added right after APP_b, flashed with the image
 bootloader/thox-data.ext4 (label thox-data, the root fs's factory data; mounted at /var/lib/thox).
+APP and APP_b get SLOT_MIB each: the size of the root file system in every Jetson update bundle.
 
 When APP_b is the last partition before the secondary GPT, thox-data takes the rest of the disk
 (allocation_attribute 0x808, the size below being its minimum) and its ext4 is grown at boot;
@@ -13,6 +14,11 @@ from pathlib import Path
 from ..common import BuildError
 
 DATA_LABEL = "thox-data"
+ROOT_SLOTS = ("APP", "APP_b")          # rootfs A and B: RAUC's slots rootfs.0 and rootfs.1
+# each root slot's size in MiB: room for the CUDA root fs (cuda-toolkit, L4T userspace, the app)
+# with headroom for later versions; the flash layout's APP/APP_b and every bundle's ext4 (and
+# flash.sh's system.img, `-S`) have this size. Changing it needs a reflash.
+SLOT_MIB = 16384
 DATA_IMAGE = "thox-data.ext4"          # in Linux_for_Tegra/bootloader/, named by the partition's <filename>
 LINUX_FS_GUID = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 FILL = "0x808"                         # NVIDIA's allocation attribute: take the remaining space
@@ -38,7 +44,8 @@ def _data_partition(pid: int, size_bytes: int, allocation: str) -> ET.Element:
 
 
 def add_data_partition(xml_text: str, size_bytes: int) -> str:
-    """NVIDIA's layout with thox-data inserted after APP_b, in the device that holds APP_b."""
+    """NVIDIA's layout with APP and APP_b of SLOT_MIB each and thox-data inserted after APP_b,
+    in the device that holds APP_b."""
     root = ET.fromstring(xml_text, parser=ET.XMLParser(target=ET.TreeBuilder(insert_comments=True)))
     for device in root.iter("device"):
         parts = [c for c in device if c.tag == "partition"]
@@ -47,6 +54,12 @@ def add_data_partition(xml_text: str, size_bytes: int) -> str:
             continue
         if any(p.get("name") == DATA_LABEL for p in parts):
             raise BuildError(f"the flash layout already has a {DATA_LABEL} partition")
+        for p in parts:
+            if p.get("name") in ROOT_SLOTS:
+                size = p.find("size")
+                if size is None:
+                    size = ET.SubElement(p, "size")
+                size.text = f" {SLOT_MIB << 20} "
         ids = [int(p.get("id")) for p in parts if (p.get("id") or "").strip().isdigit()]
         after = parts[parts.index(app_b) + 1:]
         last = not after or [p.get("name") for p in after] == ["secondary_gpt"]

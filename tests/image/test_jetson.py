@@ -18,6 +18,26 @@ from image import common, provision
 from image.__main__ import main
 from image.targets import jetson, jetson_layout
 
+# what NVIDIA's kernel packages put into /boot (apply_binaries.sh); flash.sh copies the DTB
+# named by FDT from /boot/ to /boot/dtb/ of system.img and appends root= to APPEND
+DTB = "kernel_tegra234-p3768-0000+p3767-0005-nv.dtb"
+EXTLINUX = f"""TIMEOUT 30
+DEFAULT primary
+
+MENU TITLE L4T boot options
+
+LABEL primary
+      MENU LABEL primary kernel
+      LINUX /boot/Image
+      FDT /boot/dtb/{DTB}
+      INITRD /boot/initrd
+      APPEND ${{cbootargs}} root=/dev/mmcblk0p1 rw rootwait rootfstype=ext4 console=ttyTCU0,115200
+"""
+APPLY_BINARIES = f"""test -d rootfs/etc || exit 3
+touch rootfs/etc/nv_tegra_release
+mkdir -p rootfs/boot/extlinux && printf '%s' '{EXTLINUX}' > rootfs/boot/extlinux/extlinux.conf
+echo kernel > rootfs/boot/Image && echo initrd > rootfs/boot/initrd && echo dtb > rootfs/boot/{DTB}"""
+
 FAKE_SCRIPT = """#!/bin/sh
 # fixture stand-in for NVIDIA's {name}: records how it was called
 echo "{name} $*" >> "$THOX_FAKE_LOG"
@@ -93,7 +113,7 @@ def fixtures(tmp_path, monkeypatch, ubuntu_signer):
         _add(t, "Linux_for_Tegra/tools/kernel_flash/flash_l4t_t234_nvme_rootfs_ab.xml", NV_LAYOUT.encode())
         _add(t, "Linux_for_Tegra/tools/samplefs/nv_build_samplefs.sh", SAMPLEFS.encode(), 0o755)
         _add(t, "Linux_for_Tegra/apply_binaries.sh", FAKE_SCRIPT.format(
-            name="apply_binaries.sh", extra='test -d rootfs/etc || exit 3\ntouch rootfs/etc/nv_tegra_release').encode(), 0o755)
+            name="apply_binaries.sh", extra=APPLY_BINARIES).encode(), 0o755)
         _add(t, "Linux_for_Tegra/tools/l4t_create_default_user.sh", FAKE_SCRIPT.format(
             name="l4t_create_default_user.sh", extra='mkdir -p rootfs/home/thox-admin').encode(), 0o755)
         _add(t, "Linux_for_Tegra/tools/kernel_flash/l4t_initrd_flash.sh", FAKE_SCRIPT.format(
@@ -187,7 +207,7 @@ def test_flash_commands_per_board(tmp_path):
     pins = jetson.load_pins()
     nano = jetson.Plan(work=tmp_path, board="orin-nano", pins=pins)
     assert jetson.initrd_flash_cmd(nano, no_flash=True) == [
-        "env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh", "--no-flash",
+        "env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh", "--no-flash", "-S", "16384MiB",
         "--external-device", "nvme0n1p1", "-c", "tools/kernel_flash/thox_flash_l4t_t234_nvme_rootfs_ab.xml",
         "-p", "-c bootloader/generic/cfg/flash_t234_qspi.xml", "--showlogs", "--network", "usb0",
         "jetson-orin-nano-devkit", "external"]
@@ -196,8 +216,9 @@ def test_flash_commands_per_board(tmp_path):
         jetson.initrd_flash_cmd(nano, no_flash=True)
     agx = jetson.Plan(work=tmp_path, board="agx-orin", pins=pins)
     assert jetson.initrd_flash_cmd(agx, no_flash=True) == [
-        "env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh", "--no-flash",
+        "env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh", "--no-flash", "-S", "16384MiB",
         "-p", "-c bootloader/generic/cfg/thox_flash_t234_qspi_sdmmc.xml", "jetson-agx-orin-devkit", "internal"]
+    assert jetson_layout.SLOT_MIB == 16384, "the -S above is the slot size"
     with pytest.raises(common.BuildError, match="unknown board 'tx2'"):
         jetson.initrd_flash_cmd(jetson.Plan(work=tmp_path, board="tx2", pins=pins), no_flash=True)
 
@@ -220,7 +241,10 @@ def test_layout_gets_thox_data_after_app_b_filling_the_disk():
     assert data["filename"] == "thox-data.ext4" and data["filesystem_type"] == "basic"
     assert data["partition_type_guid"] == "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
     assert parts[3]["allocation_attribute"] == "0x8", "only thox-data takes the rest of the disk"
-    assert parts[1] == _partitions(NV_LAYOUT)[1], "APP is left as NVIDIA wrote it"
+    slot_bytes = str(jetson_layout.SLOT_MIB << 20)
+    assert parts[1]["size"] == parts[3]["size"] == slot_bytes, "APP and APP_b: the bundles' slot size"
+    assert {k: v for k, v in parts[1].items() if k != "size"} == \
+        {k: v for k, v in _partitions(NV_LAYOUT)[1].items() if k != "size"}, "APP otherwise as NVIDIA wrote it"
     assert out.startswith('<?xml version="1.0"?>') and "fixture: the end of NVIDIA" in out
     with pytest.raises(common.BuildError, match="already has a thox-data partition"):
         jetson_layout.add_data_partition(out, 1 << 30)
@@ -273,7 +297,9 @@ def test_provision_runs_the_same_site_playbook_for_jetson(tmp_path):
     assert ev["thox_api_llama_wheel"] == "/w/llama.whl"
     # the admin account NVIDIA's helper makes is the one the ssh and image roles serve
     assert ev["ssh_user"] == jetson.ADMIN_USER
-    assert not {"image_root_partuuid", "image_esp_partuuid"} & set(ev), "NVIDIA's flash tools write the fstab"
+    assert not {"image_root_partuuid", "image_esp_partuuid", "image_esp_partlabel"} & set(ev), \
+        "no ESP and no root line on Jetson"
+    assert ev["image_data_partlabel"] == jetson_layout.DATA_LABEL, "the image role's fstab mounts thox-data"
     # the apt key comes out of the sha256-pinned BSP
     assert ev["jetson_apt_key_src"] == str(tmp_path / "jetson-orin/Linux_for_Tegra/nv_tegra/jetson-ota-public.key")
     inv = json.loads(provision.ansible_inventory(ctx.root))
@@ -318,7 +344,8 @@ def test_pipeline_on_fixture_tarballs(fixtures, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(jetson, "run", fake_run)
     monkeypatch.setattr(jetson, "check_binfmt", lambda: "fixture")
     out = tmp_path / "out"
-    rc = main(["build", "--target", "jetson-orin", "--out", str(out), "--board", "orin-nano", "--no-ansible"])
+    rc = main(["build", "--target", "jetson-orin", "--out", str(out), "--board", "orin-nano", "--no-ansible",
+               "--version", "1.0.0"])
     err = capsys.readouterr().err
     assert rc == 0, err
     for i, stage in enumerate(jetson.STAGES, 1):
@@ -349,7 +376,9 @@ def test_pipeline_on_fixture_tarballs(fixtures, tmp_path, monkeypatch, capsys):
     assert not list((rootfs / "etc/ssh").glob("ssh_host_*"))
     assert not (rootfs / "etc/systemd/system/thox-ssh-hostkeys.service").exists(), "the image role's, not run"
     assert ["chroot", str(rootfs), "passwd", "-l", "thox-admin"] in recorded
+    assert "IMAGE_ID=thox\nIMAGE_VERSION=1.0.0\n" in (rootfs / "usr/lib/os-release").read_text()
     ready = json.loads((out / "jetson-orin/.package-ready").read_text())
+    assert ready["version"] == "1.0.0"
     assert ready["bsp_sha256"] == fixtures["pins"]["downloads"]["bsp"]["sha256"]
     assert ready["rootfs_ab"] is True
     assert ready["ubuntu_base_sha256"] == common.sha256_file(fixtures["ubuntu"]["tarball"])
