@@ -5,7 +5,8 @@
   the stand-in systemctl reports the API unit's state the test chooses);
 - rauc-pre-install on a THOX_HOME in a temporary directory;
 - rauc-post-install with RAUC's handler environment against a real ext4 file system
-  (a file, loop-mounted by mount(8));
+  (a file, loop-mounted by mount(8)); for a Jetson slot's extlinux.conf, blkid answers by a
+  stand-in (a file has no GPT partition UUID);
 - thox-ssh-hostkeys (the ssh role's) with the real ssh-keygen;
 - shellcheck on the shell scripts.
 """
@@ -253,6 +254,80 @@ def test_post_install_carries_the_machine_id_into_the_target_slot(tmp_path):
     mid.write_text("0123456789abcdef0123456789abcdef\n")
     p = run([str(POST)], env=dict(env, RAUC_TARGET_SLOTS=""), check=False)
     assert p.returncode != 0 and "no rootfs slot" in p.stderr
+
+
+JETSON_EXTLINUX = """TIMEOUT 30
+DEFAULT primary
+
+LABEL primary
+      MENU LABEL primary kernel
+      LINUX /boot/Image
+      FDT /boot/dtb/kernel_tegra234-p3768-0000+p3767-0005-nv.dtb
+      INITRD /boot/initrd
+      APPEND ${cbootargs} root=/dev/mmcblk0p1 rw rootwait rootfstype=ext4 console=ttyTCU0,115200 root=PARTUUID=aaaaaaaa-0000-4000-8000-00000000000a
+
+LABEL backup
+      LINUX /boot/Image.backup
+      APPEND ${cbootargs} rw rootwait root=PARTUUID=aaaaaaaa-0000-4000-8000-00000000000a
+"""
+SLOT_B_PARTUUID = "bbbbbbbb-0000-4000-8000-00000000000b"
+
+
+def test_post_install_points_a_jetson_slot_at_itself(tmp_path):
+    """A slot with /boot/extlinux/extlinux.conf (written from a bundle made of slot A's root fs,
+    so naming A or no slot) gets root=PARTUUID=<its own partition UUID> on every APPEND line
+    and nothing else changed. blkid is a stand-in answering for the slot device (a file has no
+    GPT partition UUID); the file system is a real ext4, loop-mounted."""
+    need_root()
+    need_tools("mkfs.ext4", "debugfs", "mount", "umount")
+    tree = tmp_path / "tree"
+    (tree / "boot/extlinux").mkdir(parents=True)
+    (tree / "boot/extlinux/extlinux.conf").write_text(JETSON_EXTLINUX)
+    os.chmod(tree / "boot/extlinux/extlinux.conf", 0o644)
+    slot_b = tmp_path / "app_b.ext4"
+    run(["truncate", "-s", "8M", str(slot_b)])
+    run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(slot_b)])
+    bin_dir, calls = tmp_path / "bin", tmp_path / "blkid.calls"
+    bin_dir.mkdir()
+    (bin_dir / "blkid").write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+[ "$*" = "-s PARTUUID -o value {slot_b}" ] && [ -n "$PARTUUID" ] && echo "$PARTUUID" && exit 0
+exit 2
+""")
+    os.chmod(bin_dir / "blkid", 0o755)
+    mid = tmp_path / "machine-id"
+    mid.write_text("0123456789abcdef0123456789abcdef\n")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PARTUUID=SLOT_B_PARTUUID,
+               MACHINE_ID=str(mid), RAUC_MOUNT_PREFIX=str(tmp_path / "mnt"), RAUC_TARGET_SLOTS="2",
+               RAUC_SLOT_NAME_2="rootfs.1", RAUC_SLOT_CLASS_2="rootfs", RAUC_SLOT_DEVICE_2=str(slot_b),
+               RAUC_SLOT_BOOTNAME_2="B")
+    p = run([str(POST)], env=env)
+    assert f"{slot_b} boots with root=PARTUUID={SLOT_B_PARTUUID}" in p.stdout
+    conf = _debugfs_cat(slot_b, "/boot/extlinux/extlinux.conf")
+    appends = [line for line in conf.splitlines() if line.strip().startswith("APPEND")]
+    assert len(appends) == 2
+    for line in appends:
+        assert re.findall(r"\broot=\S+", line) == [f"root=PARTUUID={SLOT_B_PARTUUID}"], line
+    assert appends[0] == ("      APPEND ${cbootargs} rw rootwait rootfstype=ext4 console=ttyTCU0,115200 "
+                          f"root=PARTUUID={SLOT_B_PARTUUID}")
+    others = [line for line in JETSON_EXTLINUX.splitlines() if not line.strip().startswith("APPEND")]
+    assert [line for line in conf.splitlines() if not line.strip().startswith("APPEND")] == others
+    assert "Mode:  0644" in run(["debugfs", "-R", "stat /boot/extlinux/extlinux.conf", str(slot_b)]).stdout
+    assert _debugfs_cat(slot_b, "/etc/machine-id") == mid.read_text()
+    # installing again (the same slot rewritten) gives the same file
+    run([str(POST)], env=env)
+    assert _debugfs_cat(slot_b, "/boot/extlinux/extlinux.conf") == conf
+    # no partition UUID for the device: the install fails, the mount is cleaned up
+    p = run([str(POST)], env=dict(env, PARTUUID=""), check=False)
+    assert p.returncode != 0 and "has no GPT partition UUID" in p.stderr
+    assert str(tmp_path / "mnt") not in Path("/proc/mounts").read_text()
+    assert not list((tmp_path / "mnt").iterdir())
+    # an amd64 slot (GRUB, no extlinux.conf) is left to GRUB: blkid is not asked
+    calls.unlink()
+    slot_a = _ext4(tmp_path / "thox-a.ext4")
+    run([str(POST)], env=dict(env, RAUC_SLOT_DEVICE_2=str(slot_a)))
+    assert not calls.exists()
+    assert "extlinux" not in run(["debugfs", "-R", "ls /", str(slot_a)]).stdout
 
 
 # ---------------------------------------------------------------------- factory reset
