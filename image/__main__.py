@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import aptmirror, qemu, slot, wheel
 from .common import REPO, BuildError, cache_dir, log, pins
-from .targets import amd64, jetson
+from .targets import amd64, jetson, jetson_bundle
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,7 +91,7 @@ def build(args: argparse.Namespace) -> int:
         if getattr(args, "target", "amd64") == "jetson-orin":
             ctx = jetson.context(args)
             if args.cmd == "bundle":
-                return jetson.build_bundle(ctx, jetson.Plan(work=ctx.out / "jetson-orin", board=args.board),
+                return jetson_bundle.build_bundle(ctx, jetson.Plan(work=ctx.out / "jetson-orin", board=args.board),
                                            args.version, overlay)
             pubkey = Path(args.ssh_pubkey).read_text().strip() if args.ssh_pubkey else None
             plan = jetson.Plan(work=ctx.out / "jetson-orin", board=args.board, ssh_pubkey=pubkey, version=args.version)

@@ -14,7 +14,7 @@ from thoxtest import require
 
 from image import common, disk, slot
 from image.__main__ import main
-from image.targets import jetson, jetson_layout
+from image.targets import jetson, jetson_bundle, jetson_layout
 
 FSTAB_J2 = common.REPO / "ansible/roles/image/templates/fstab.j2"
 
@@ -117,26 +117,26 @@ def test_bundle_needs_the_flash_package_of_these_inputs(fixtures, tmp_path, monk
 def test_complete_boot_copies_the_dtb_and_refuses_missing_boot_files(tmp_path):
     tree = tmp_path / "tree"
     with pytest.raises(common.BuildError, match="no /boot/extlinux/extlinux.conf"):
-        jetson.complete_boot(tree)
+        jetson_bundle.complete_boot(tree)
     (tree / "boot/extlinux").mkdir(parents=True)
     conf = tree / "boot/extlinux/extlinux.conf"
     conf.write_text("LABEL primary\n  LINUX /boot/Image\n  FDT /boot/dtb/x.dtb\n  INITRD /boot/initrd # the initrd\n"
                     "  APPEND ${cbootargs} root=PARTUUID=1 rw\n")
-    assert jetson.extlinux_files(conf.read_text()) == [("LINUX", "/boot/Image"), ("FDT", "/boot/dtb/x.dtb"),
+    assert jetson_bundle.extlinux_files(conf.read_text()) == [("LINUX", "/boot/Image"), ("FDT", "/boot/dtb/x.dtb"),
                                                       ("INITRD", "/boot/initrd")]
     (tree / "boot/Image").write_text("k")
     (tree / "boot/x.dtb").write_text("d")
     with pytest.raises(common.BuildError, match="lacks: INITRD /boot/initrd"):
-        jetson.complete_boot(tree)
+        jetson_bundle.complete_boot(tree)
     (tree / "boot/initrd").write_text("i")
     (tree / "boot/dtb/x.dtb").unlink()
-    assert jetson.complete_boot(tree) == ["/boot/dtb/x.dtb"]
+    assert jetson_bundle.complete_boot(tree) == ["/boot/dtb/x.dtb"]
     assert (tree / "boot/dtb/x.dtb").read_text() == "d"
-    assert jetson.complete_boot(tree) == [], "present already: nothing to add"
+    assert jetson_bundle.complete_boot(tree) == [], "present already: nothing to add"
     (tree / "boot/x.dtb").unlink()
     (tree / "boot/dtb/x.dtb").unlink()
     with pytest.raises(common.BuildError, match="lacks: FDT /boot/dtb/x.dtb"):
-        jetson.complete_boot(tree)
+        jetson_bundle.complete_boot(tree)
 
 
 def _fstab(**layout) -> str:
