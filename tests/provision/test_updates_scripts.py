@@ -16,6 +16,7 @@ import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -193,6 +194,79 @@ def test_health_reports_a_failed_mark_good(health_server, stubs):
     p, _ = run_health(stubs, url, timeout_s=30)
     assert p.returncode == 1
     assert "could not be marked good" in p.stdout
+
+
+def run_health_from_config(stubs, config: Path, default_port: int, timeout_s: float = 30,
+                           host: str = "::") -> subprocess.CompletedProcess:
+    """thox-health as the unit starts it: no URL, the address from config.json or the defaults."""
+    env = dict(stubs["env"], THOX_HEALTH_CONFIG=str(config), THOX_HEALTH_PORT=str(default_port),
+               THOX_HEALTH_HOST=host, THOX_HEALTH_TIMEOUT=str(timeout_s))
+    env.pop("THOX_HEALTH_URL", None)
+    return subprocess.run([sys.executable, str(HEALTH)], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_health_polls_the_port_and_host_config_json_names(health_server, stubs, tmp_path):
+    """The user moved the API to another port: the check follows config.json (flat dotted keys,
+    as thox config set writes them; a port given as a string too), not the unit's default."""
+    port = health_server.server_port
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"api.port": port, "future.key": 1}))
+    p = run_health_from_config(stubs, config, default_port=9)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "thox-health: slot B good (version 3)\n"
+    assert f"http://127.0.0.1:{port}/health" in p.stderr
+    assert health_server.hits == 1
+    # a specific address the API listens on is polled there; a string port is read as the app reads it
+    config.write_text(json.dumps({"api.host": "127.0.0.1", "api.port": str(port)}))
+    p = run_health_from_config(stubs, config, default_port=9)
+    assert p.returncode == 0 and health_server.hits == 2, p.stderr
+    # no config.json, or one without the keys or with a value the app refuses: the unit's default port
+    for text in (None, "{}", json.dumps({"api.port": 0}), json.dumps({"api.port": True}), "not json"):
+        if text is None:
+            config.unlink(missing_ok=True)
+        else:
+            config.write_text(text)
+        p = run_health_from_config(stubs, config, default_port=port)
+        assert p.returncode == 0 and f"127.0.0.1:{port}/health" in p.stderr, (text, p.stderr)
+
+
+def test_health_fails_when_config_json_points_elsewhere(health_server, stubs, tmp_path):
+    """Control: with config.json naming a port nothing answers on, the slot is not kept
+    even though the unit's default port answers."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"api.port": 9}))
+    (stubs["dir"] / "unit-state").write_text("ActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=3\n")
+    p = run_health_from_config(stubs, config, default_port=health_server.server_port)
+    assert p.returncode == 1 and "127.0.0.1:9/health" in p.stderr
+    assert health_server.hits == 0
+
+
+@pytest.mark.parametrize("host, polled", [("::", "127.0.0.1"), ("[::]", "127.0.0.1"), ("*", "127.0.0.1"),
+                                          ("0.0.0.0", "127.0.0.1"), ("::1", "[::1]"), ("[::1]", "[::1]"),
+                                          ("192.168.1.20", "192.168.1.20"), ("fd00::5", "[fd00::5]")])
+def test_health_polls_the_address_the_api_listens_on(stubs, tmp_path, host, polled):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"api.host": host, "api.port": 9}))
+    (stubs["dir"] / "unit-state").write_text("ActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=3\n")
+    p = run_health_from_config(stubs, config, default_port=8080)
+    assert f"waiting up to 30 s for http://{polled}:9/health" in p.stderr
+
+
+def test_health_polls_ipv6_loopback_when_the_api_listens_there(stubs, tmp_path):
+    class Server6(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    srv = Server6(("::1", 0), Health)
+    srv.hits, srv.ready_after = 0, 0
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"api.host": "::1", "api.port": srv.server_port}))
+        p = run_health_from_config(stubs, config, default_port=9)
+        assert p.returncode == 0 and srv.hits == 1, p.stderr
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 # ---------------------------------------------------------------------- RAUC handlers

@@ -89,7 +89,8 @@ def _lines(text: str) -> set[str]:
 def test_health_unit(amd64):
     u = _lines(amd64["thox-health.service"])
     for line in ("Type=oneshot", "RemainAfterExit=yes", "Wants=thox-api.service", "After=thox-api.service dbus.service",
-                 "Environment=THOX_HEALTH_URL=http://127.0.0.1:8080/health", "Environment=THOX_HEALTH_TIMEOUT=600",
+                 "Environment=THOX_HEALTH_CONFIG=/var/lib/thox/config.json", "Environment=THOX_HEALTH_HOST=::",
+                 "Environment=THOX_HEALTH_PORT=8080", "Environment=THOX_HEALTH_TIMEOUT=600",
                  "Environment=THOX_HEALTH_UNIT=thox-api.service", "Environment=THOX_HEALTH_MAX_RESTARTS=3",
                  "ExecStart=/usr/local/lib/thox/thox-health", "StandardOutput=journal+console",
                  "WantedBy=multi-user.target"):
@@ -104,7 +105,8 @@ def test_units_follow_the_role_variables(tmp_path):
                                          "updates_health_max_restarts": 7, "thox_home": "/srv/thox-data",
                                          "thox_user": "svc", "updates_data_device": "/dev/disk/by-partlabel/data-x"})
     h = _lines(files["thox-health.service"])
-    assert {"Environment=THOX_HEALTH_URL=http://127.0.0.1:8123/health", "Environment=THOX_HEALTH_TIMEOUT=90",
+    assert {"Environment=THOX_HEALTH_PORT=8123", "Environment=THOX_HEALTH_CONFIG=/srv/thox-data/config.json",
+            "Environment=THOX_HEALTH_TIMEOUT=90",
             "Environment=THOX_HEALTH_MAX_RESTARTS=7", "TimeoutStartSec=210"} <= h
     assert "PathExists=/srv/thox-data/requests/reboot" in _lines(files["thox-reboot.path"])
     assert "ExecStart=/usr/bin/rm -f /srv/thox-data/requests/reboot" in _lines(files["thox-reboot.service"])
