@@ -83,27 +83,34 @@ class RangeServer:
                 if not path.is_file():
                     self.send_error(404)
                     return
-                data = path.read_bytes()
+                size = path.stat().st_size
                 rng = self.headers.get("Range")
                 outer.ranges_seen.append(rng)
                 m = re.fullmatch(r"bytes=(\d+)-", rng or "")
                 start = int(m.group(1)) if (m and outer.ranges) else 0
                 if m and outer.ranges:
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Content-Length", str(size - start))
                 self.send_header("ETag", '"v1"')
                 self.end_headers()
-                body = data[start:]
+                limit = None
                 if outer.drops > 0 and outer.drop_after is not None:
                     outer.drops -= 1
-                    self.wfile.write(body[: outer.drop_after])
-                    self.wfile.flush()
+                    limit = outer.drop_after
                     self.close_connection = True
-                    return
-                self.wfile.write(body)
+                sent = 0
+                with open(path, "rb") as f:       # streamed: bundles are large
+                    f.seek(start)
+                    while limit is None or sent < limit:
+                        buf = f.read(1 << 20 if limit is None else min(1 << 20, limit - sent))
+                        if not buf:
+                            break
+                        self.wfile.write(buf)
+                        sent += len(buf)
+                self.wfile.flush()
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
