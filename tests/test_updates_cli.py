@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -138,3 +139,58 @@ def test_help_names_the_range_requirement(tmp_path):
     for args in (["update", "--help"], ["backup", "create", "--help"], ["backup", "restore", "--help"],
                  ["factory-reset", "--help"]):
         assert run_thox(tmp_path, *args).stdout.startswith("usage: thox")
+
+
+def test_rollback_names_the_config_snapshot_when_the_config_changed(tmp_path, bundles):
+    """The pre-install handler's snapshot lies in THOX_SYSTEM_DIR of updates.conf: rollback
+    names it when config.json differs from it, and says nothing of it when they match."""
+    home, sysdir = tmp_path / "home", tmp_path / "data/system"
+    home.mkdir()
+    sysdir.mkdir(parents=True)
+    conf = tmp_path / "updates.conf"
+    conf.write_text(f"THOX_HOME={home}\nTHOX_SYSTEM_DIR={sysdir}\n")
+    snapshot = sysdir / "config-before-update.json"
+    snapshot.write_text('{"api.port": 8080}\n')
+    (home / "config.json").write_text('{\n  "api.port": 8080\n}\n')
+    env = {**stub_env(tmp_path / "rauc", bundles["ca"], other_good=True), "THOX_UPDATES_CONF": str(conf)}
+    out = run_thox(home, "update", "rollback", env=env).stdout
+    assert "slot B" in out and "config-before-update.json" not in out
+    run_thox(home, "config", "set", "api.port", "8181")
+    env = {**stub_env(tmp_path / "rauc2", bundles["ca"], other_good=True), "THOX_UPDATES_CONF": str(conf)}
+    out = run_thox(home, "update", "rollback", env=env).stdout
+    assert f"kept in {snapshot} " in out and str(home / "config.json") in out
+    assert snapshot.read_text() == '{"api.port": 8080}\n', "read only"
+    # no updates.conf (not a Thox image): nothing said
+    env["THOX_UPDATES_CONF"] = str(tmp_path / "none.conf")
+    assert "kept in" not in run_thox(home, "update", "rollback", env=env).stdout
+
+
+def test_factory_reset_flag_path_comes_from_updates_conf(tmp_path):
+    """updates.conf (written by the updates role) names the flag; the environment overrides it."""
+    esp = tmp_path / "esp"
+    (esp / "thox").mkdir(parents=True)
+    conf = tmp_path / "updates.conf"
+    conf.write_text(f"THOX_HOME={tmp_path}\nTHOX_FACTORY_RESET_FLAG={esp}/thox/reset-flag\n")
+    env = {"THOX_UPDATES_CONF": str(conf), "THOX_FACTORY_RESET_FLAG": ""}
+    out = run_thox(tmp_path, "factory-reset", "--yes", env=env).stdout
+    assert (esp / "thox/reset-flag").is_file() and str(esp / "thox/reset-flag") in out
+    env["THOX_FACTORY_RESET_FLAG"] = str(esp / "thox/other")
+    run_thox(tmp_path, "factory-reset", "--yes", env=env)
+    assert (esp / "thox/other").is_file()
+
+
+def test_factory_reset_makes_its_folder_on_a_mounted_esp(tmp_path):
+    """A Jetson's ESP (made by NVIDIA's flash tools) has no thox/ folder: on a mounted ESP
+    (a tmpfs here) it is made; on a folder that is no mount point it is not."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (mount)")
+    esp = tmp_path / "boot-efi"
+    esp.mkdir()
+    env = {"THOX_FACTORY_RESET_FLAG": str(esp / "thox/factory-reset")}
+    one_line_error(run_thox(tmp_path, "factory-reset", "--yes", check=False, env=env), "does not exist")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "thox-test-esp", str(esp)], check=True)
+    try:
+        run_thox(tmp_path, "factory-reset", "--yes", env=env)
+        assert (esp / "thox/factory-reset").is_file()
+    finally:
+        subprocess.run(["umount", str(esp)], check=True)

@@ -84,7 +84,32 @@ def cmd_update_rollback(a: argparse.Namespace) -> int:
     other = rauc.rollback()
     print(f"slot {other.bootname} (version {other.version or 'unknown'}) is now the primary slot: "
           f"a reboot activates it")
+    config = Config().path
+    snapshot = _changed_config_snapshot(config)
+    if snapshot:
+        print(f"the config changed since the last update was installed; the one from before it is kept in "
+              f"{snapshot} (copy it over {config} to use it again)")
     return 0
+
+
+def _changed_config_snapshot(config: Path) -> Path | None:
+    """The pre-install config snapshot when it differs from ``config`` now (read only)."""
+    from .updates import device
+    snapshot = device.config_snapshot()
+    if snapshot is None:
+        return None
+    try:
+        before = snapshot.read_bytes()
+    except OSError:
+        return None
+    try:
+        now = config.read_bytes()
+    except OSError:
+        return snapshot
+    try:
+        return None if json.loads(before) == json.loads(now) else snapshot
+    except ValueError:
+        return None if before == now else snapshot
 
 
 # -- backup --------------------------------------------------------------------------

@@ -67,6 +67,7 @@ TARGET = "jetson-orin"
 COMPATIBLE = f"thox-{TARGET}"                # RAUC's compatible in system.conf and in every bundle
 EXTLINUX = "boot/extlinux/extlinux.conf"     # what UEFI's L4TLauncher boots a slot from
 FSTAB_DATA = re.compile(rf"^PARTLABEL={re.escape(jetson_layout.DATA_LABEL)}\s+/{slot.DATA_MOUNT}\s+ext4\s", re.M)
+ESP_LABEL = "esp"                            # the UEFI ESP in NVIDIA's flash layout, on /boot/efi
 APT_KEY = "nv_tegra/jetson-ota-public.key"   # NVIDIA's apt key, inside the sha256-pinned BSP
 DATA_FS_UUID = str(uuid.uuid5(slot.FS_NAMESPACE, "jetson-orin thox-data"))
 
@@ -145,7 +146,9 @@ def context(args: argparse.Namespace) -> Context:
                    target_vars={"thox_target": TARGET, "thox_jetson_board": args.board,
                                 "ssh_user": ADMIN_USER,
                                 "jetson_apt_key_src": str(out / TARGET / L4T / APT_KEY),
-                                # the image role's fstab mounts thox-data (no ESP on Jetson)
+                                # the image role's fstab mounts thox-data, and L4T's UEFI ESP
+                                # (partition "esp") on /boot/efi: the factory reset flag's place
+                                "image_esp_partlabel": ESP_LABEL,
                                 "image_data_partlabel": jetson_layout.DATA_LABEL},
                    llama_wheel=Path(llama) if llama else None)
 

@@ -297,8 +297,9 @@ def test_provision_runs_the_same_site_playbook_for_jetson(tmp_path):
     assert ev["thox_api_llama_wheel"] == "/w/llama.whl"
     # the admin account NVIDIA's helper makes is the one the ssh and image roles serve
     assert ev["ssh_user"] == jetson.ADMIN_USER
-    assert not {"image_root_partuuid", "image_esp_partuuid", "image_esp_partlabel"} & set(ev), \
-        "no ESP and no root line on Jetson"
+    assert not {"image_root_partuuid", "image_esp_partuuid"} & set(ev), "no root line on Jetson"
+    # L4T's UEFI ESP (partition "esp" of NVIDIA's layout) on /boot/efi: the factory reset flag's place
+    assert ev["image_esp_partlabel"] == "esp"
     assert ev["image_data_partlabel"] == jetson_layout.DATA_LABEL, "the image role's fstab mounts thox-data"
     # the apt key comes out of the sha256-pinned BSP
     assert ev["jetson_apt_key_src"] == str(tmp_path / "jetson-orin/Linux_for_Tegra/nv_tegra/jetson-ota-public.key")

@@ -7,9 +7,15 @@
 * Reboots: root runs ``systemctl reboot``; the service user writes the
   request file ``$THOX_HOME/requests/reboot``, which a root path unit
   (thox-reboot.path) turns into a reboot.
-* Factory reset: the one-shot flag ``/boot/efi/thox/factory-reset`` on the
-  ESP (``THOX_FACTORY_RESET_FLAG`` names another path); at the next boot
-  thox-factory-reset.service wipes the data partition and removes the flag.
+* Factory reset: the one-shot flag on the ESP that ``THOX_FACTORY_RESET_FLAG``
+  of /etc/thox/updates.conf names (the updates role writes it; default
+  ``/boot/efi/thox/factory-reset``; the environment variable of that name
+  overrides both); at the next boot thox-factory-reset.service wipes the data
+  partition and removes the flag.
+* The config snapshot: RAUC's pre-install handler copies config.json to
+  ``$THOX_SYSTEM_DIR/config-before-update.json`` (THOX_SYSTEM_DIR of
+  updates.conf) before it writes a slot.
+* ``THOX_UPDATES_CONF`` names another updates.conf (tests).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ API_UNIT = "thox-api.service"
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
              "/usr/lib/systemd/system", "/lib/systemd/system")
 FACTORY_RESET_FLAG = "/boot/efi/thox/factory-reset"
+UPDATES_CONF = "/etc/thox/updates.conf"
+CONFIG_SNAPSHOT = "config-before-update.json"
 REBOOT_REQUEST = Path("requests") / "reboot"
 
 
@@ -79,13 +87,45 @@ def write_reboot_request(home: Path | None = None) -> Path:
     return path
 
 
+def updates_conf() -> dict[str, str]:
+    """The KEY=VALUE lines of updates.conf ({} when there is none: not a Thox image)."""
+    path = Path(os.environ.get("THOX_UPDATES_CONF") or UPDATES_CONF)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ThoxError(f"cannot read {path}: {e.strerror}") from None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            out[key.strip()] = value.strip().strip("\"'")
+    return out
+
+
 def factory_reset_flag() -> Path:
-    return Path(os.environ.get("THOX_FACTORY_RESET_FLAG") or FACTORY_RESET_FLAG)
+    return Path(os.environ.get("THOX_FACTORY_RESET_FLAG") or updates_conf().get("THOX_FACTORY_RESET_FLAG")
+                or FACTORY_RESET_FLAG)
+
+
+def config_snapshot() -> Path | None:
+    """Where the pre-install handler keeps the config from before the last install (None: not an image)."""
+    sysdir = updates_conf().get("THOX_SYSTEM_DIR")
+    return Path(sysdir) / CONFIG_SNAPSHOT if sysdir else None
 
 
 def write_factory_reset_flag() -> Path:
-    """Write the one-shot flag; its directory (thox/ on the ESP) must exist."""
+    """Write the one-shot flag. Its directory (thox/ on the ESP) is made when the
+    ESP is mounted without it (a Jetson's ESP comes from NVIDIA's flash tools)."""
     flag = factory_reset_flag()
+    if not flag.parent.is_dir() and os.path.ismount(flag.parent.parent):
+        try:
+            flag.parent.mkdir(mode=0o755)
+        except PermissionError:
+            raise ThoxError(f"cannot write {flag}: a factory reset needs root (run it with sudo)") from None
+        except OSError as e:
+            raise ThoxError(f"cannot make {flag.parent}: {e.strerror}") from None
     if not flag.parent.is_dir():
         raise ThoxError(f"{flag.parent} does not exist: a factory reset works on a Thox device "
                         f"(its ESP mounted at /boot/efi)")
