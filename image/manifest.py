@@ -12,7 +12,7 @@ from pathlib import Path
 from .aptmirror import image_mirrors
 from .common import git, pins, sha256_file, source_date_epoch
 from .context import Context
-from .slot import DATA_MOUNT, FACTORY_DATA
+from .slot import FACTORY_HOME, HOME_MOUNT
 
 # written into the image by the builder: the package lists' dates (and the base's, by mmdebstrap)
 RECORDS = "var/lib/thox-image"
@@ -79,7 +79,7 @@ def model_files(root: Path) -> list[dict]:
     """The model files the image ships: in the factory data (the data partition's first contents)
     once finalize has moved them there, else in the data directory."""
     out = []
-    models = next((d for d in (root / FACTORY_DATA / "models", root / DATA_MOUNT / "models") if d.is_dir()), None)
+    models = next((d for d in (root / FACTORY_HOME / "models", root / HOME_MOUNT / "models") if d.is_dir()), None)
     for f in sorted(models.glob("*/*")) if models else []:
         if f.is_file() and f.name != "manifest.json":
             out.append({"model": f.parent.name, "file": f.name, "bytes": f.stat().st_size,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from .common import BuildError, statefiles
 from .context import Context
-from .slot import FACTORY_DATA
+from .slot import FACTORY_HOME
 
-# THOX_HOME as provisioned, and where an image keeps its contents (the data partition's first
-# contents, FACTORY_DATA): the app's secret files are looked for in both
-HOMES = (statefiles.DEFAULT_HOME, "/" + FACTORY_DATA)
+# THOX_HOME as provisioned, and where an image keeps its contents (THOX_HOME's folder in the data
+# partition's first contents, FACTORY_HOME): the app's secret files are looked for in both
+HOMES = (statefiles.DEFAULT_HOME, "/" + FACTORY_HOME)
 
 # what a build leaves behind that has no place in an image; the secret and per-device
 # files are the app's list (statefiles.secret_paths), removed and scanned for as such

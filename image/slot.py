@@ -22,9 +22,15 @@ from .common import BuildError, pins, run, source_date_epoch
 SLOT_MIB = 2048
 # the provisioned tree may fill at most 1/HEADROOM of a slot: later versions must still fit
 HEADROOM = 1.6
-# the data partition's mount point in a slot (empty there), and where its first contents live
-DATA_MOUNT = "var/lib/thox"
+# the data partition's mount point in a slot (empty there, root 0755); THOX_HOME is its folder
+# HOME_NAME (the service user's, 0750), bind-mounted on HOME_MOUNT; root's device state is its
+# folder system/ (root 0755), out of the service user's reach
+DATA_MOUNT = "var/lib/thox-data"
+HOME_MOUNT = "var/lib/thox"
+HOME_NAME = "thox"
+# where the data partition's first contents live (what it is made from), and THOX_HOME's there
 FACTORY_DATA = "usr/lib/thox/factory-data"
+FACTORY_HOME = f"{FACTORY_DATA}/{HOME_NAME}"
 OS_RELEASE = "usr/lib/os-release"
 IMAGE_ID = "thox"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~_-]{0,63}$")
@@ -50,20 +56,30 @@ def dir_size(root: Path) -> int:
 
 
 def move_factory_data(root: Path) -> None:
-    """The provisioned contents of DATA_MOUNT move to FACTORY_DATA (owner and mode of the
-    directory kept); DATA_MOUNT stays as the empty mount point of the data partition."""
-    src, dst = root / DATA_MOUNT, root / FACTORY_DATA
+    """The provisioned contents of HOME_MOUNT move to FACTORY_HOME (owner and mode of the
+    directory kept), those of DATA_MOUNT (if any) to FACTORY_DATA, a directory owned by root,
+    0755; HOME_MOUNT and DATA_MOUNT stay as empty mount points (DATA_MOUNT owned by root, 0755)."""
+    src, dst, data = root / HOME_MOUNT, root / FACTORY_DATA, root / DATA_MOUNT
     if not src.is_dir():
         return
     if dst.exists():
         shutil.rmtree(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.mkdir()
+    for d in (dst, data):
+        d.mkdir(exist_ok=True)
+        os.chown(d, 0, 0)
+        os.chmod(d, 0o755)
+    for entry in os.listdir(data):
+        os.rename(data / entry, dst / entry)
+    home = dst / HOME_NAME
+    if home.exists():
+        raise BuildError(f"/{DATA_MOUNT}/{HOME_NAME} in the provisioned tree: THOX_HOME is /{HOME_MOUNT}")
+    home.mkdir()
     st = src.stat()
-    os.chown(dst, st.st_uid, st.st_gid)
-    os.chmod(dst, st.st_mode & 0o7777)
+    os.chown(home, st.st_uid, st.st_gid)
+    os.chmod(home, st.st_mode & 0o7777)
     for entry in os.listdir(src):
-        os.rename(src / entry, dst / entry)
+        os.rename(src / entry, home / entry)
 
 
 def os_release(text: str, version: str) -> str:
@@ -166,11 +182,12 @@ def data_mib(root: Path) -> int:
 
 def make_data_fs(root: Path, target: Path, size_mib: int, fs_uuid: str, *, offset_mib: int = 0,
                  logfile: Path | None = None) -> None:
-    """The data partition's ext4 (label thox-data) from FACTORY_DATA: ownership kept, its top
-    directory with the owner and mode of the factory data's."""
+    """The data partition's ext4 (label thox-data) from FACTORY_DATA: ownership kept (THOX_HOME's
+    folder the service user's), its top directory with the owner and mode of the factory data's
+    (root, 0755)."""
     src = root / FACTORY_DATA
     if not src.is_dir():
-        raise BuildError(f"no {FACTORY_DATA} in the root file system (finalize moves {DATA_MOUNT} there)")
+        raise BuildError(f"no {FACTORY_DATA} in the root file system (finalize moves /{HOME_MOUNT} there)")
     st = src.stat()
     mkfs_ext4(src, target, size_mib, label="thox-data", fs_uuid=fs_uuid, offset_mib=offset_mib,
               root_owner=(st.st_uid, st.st_gid), logfile=logfile)

@@ -13,7 +13,7 @@ Stages of `build` (each prints its name and elapsed time; a failure names the st
              thox_image_build=true, this layout's partition labels and the keyring (cached by
              the inputs' digest)
   finalize   the secret and per-device files removed, package lists dated and removed,
-             /var/lib/thox's contents moved to /usr/lib/thox/factory-data
+             /var/lib/thox's contents moved to /usr/lib/thox/factory-data/thox
   verify     scan the root fs for secrets and per-device data (the app's list: thox.statefiles)
   esp        EFI system partition (GRUB, grub.cfg, grubenv), filled with mtools
   disk       GPT disk image: ESP + slot A (ext4 of this version, mkfs.ext4 -d, no loop mounts) +

@@ -21,7 +21,7 @@ Stages of `build`:
   user        l4t_create_default_user.sh: the admin user, with the host name the roles set;
               its password is locked (ssh key only)
   finalize    no host keys / machine-id / API key in the root fs (same as amd64); /var/lib/thox's
-              contents move to /usr/lib/thox/factory-data (the thox-data ext4 is made from them);
+              contents move to /usr/lib/thox/factory-data/thox (the thox-data ext4 is made from them);
               IMAGE_ID/IMAGE_VERSION in /usr/lib/os-release; /etc/fstab must mount thox-data
   package     the board's rootfs A/B layout (APP, APP_b of jetson_layout.SLOT_MIB) plus thox-data,
               the thox-data ext4, then ROOTFS_AB=1 l4t_initrd_flash.sh -S <SLOT_MIB>MiB --no-flash:
@@ -67,6 +67,8 @@ TARGET = "jetson-orin"
 COMPATIBLE = f"thox-{TARGET}"                # RAUC's compatible in system.conf and in every bundle
 EXTLINUX = "boot/extlinux/extlinux.conf"     # what UEFI's L4TLauncher boots a slot from
 FSTAB_DATA = re.compile(rf"^PARTLABEL={re.escape(jetson_layout.DATA_LABEL)}\s+/{slot.DATA_MOUNT}\s+ext4\s", re.M)
+# THOX_HOME: the data partition's folder bind-mounted on it
+FSTAB_HOME = re.compile(rf"^/{slot.DATA_MOUNT}/{slot.HOME_NAME}\s+/{slot.HOME_MOUNT}\s+none\s+bind\b", re.M)
 ESP_LABEL = "esp"                            # the UEFI ESP in NVIDIA's flash layout, on /boot/efi
 APT_KEY = "nv_tegra/jetson-ota-public.key"   # NVIDIA's apt key, inside the sha256-pinned BSP
 DATA_FS_UUID = str(uuid.uuid5(slot.FS_NAMESPACE, "jetson-orin thox-data"))
@@ -291,7 +293,7 @@ def stage_keyring(ctx: Context, *, need_key: bool = False) -> tuple[bundle.Signi
 def stage_finalize(ctx: Context, plan: Plan) -> str:
     """Same as amd64, except that the owner's public key (SSH_PUBKEY) stays: it is wanted.
     The image's version goes into os-release; with the roles applied, /etc/fstab must mount
-    thox-data at /var/lib/thox (NVIDIA's packages, installed after the roles, must not undo it)."""
+    thox-data at /var/lib/thox-data and bind its thox/ on /var/lib/thox (NVIDIA's packages, installed after the roles, must not undo it)."""
     keep = ctx.root / "home" / ADMIN_USER / ".ssh/authorized_keys"
     saved = keep.read_bytes() if keep.exists() else None
     manifest.record_package_lists(ctx.root)
@@ -302,8 +304,10 @@ def stage_finalize(ctx: Context, plan: Plan) -> str:
     if problems:
         raise BuildError("secret or per-device data in the root fs: " + "; ".join(problems))
     fstab = ctx.root / "etc/fstab"
-    if ctx.use_ansible and not (fstab.is_file() and FSTAB_DATA.search(fstab.read_text())):
-        raise BuildError(f"{fstab} does not mount PARTLABEL={jetson_layout.DATA_LABEL} at /{slot.DATA_MOUNT}: "
+    text = fstab.read_text() if fstab.is_file() else ""
+    if ctx.use_ansible and not (FSTAB_DATA.search(text) and FSTAB_HOME.search(text)):
+        raise BuildError(f"{fstab} does not mount PARTLABEL={jetson_layout.DATA_LABEL} at /{slot.DATA_MOUNT} "
+                         f"and bind /{slot.DATA_MOUNT}/{slot.HOME_NAME} on /{slot.HOME_MOUNT}: "
                          "the data would be written into the root slot and lost at the next update")
     slot.move_factory_data(ctx.root)
     rel = ctx.root / slot.OS_RELEASE

@@ -1,6 +1,6 @@
 """The Jetson flash layout: NVIDIA's rootfs A/B partition XML (APP and APP_b, flashed with
 ROOTFS_AB=1) with a `thox-data` partition added right after APP_b, flashed with the image
-bootloader/thox-data.ext4 (label thox-data, the root fs's factory data; mounted at /var/lib/thox).
+bootloader/thox-data.ext4 (label thox-data, the root fs's factory data; mounted at /var/lib/thox-data).
 APP and APP_b get SLOT_MIB each: the size of the root file system in every Jetson update bundle.
 
 When APP_b is the last partition before the secondary GPT, thox-data takes the rest of the disk
@@ -37,7 +37,7 @@ def _data_partition(pid: int, size_bytes: int, allocation: str) -> ET.Element:
                       ("size", str(size_bytes)), ("file_system_attribute", "0"),
                       ("allocation_attribute", allocation), ("partition_type_guid", LINUX_FS_GUID),
                       ("percent_reserved", "0"), ("align_boundary", "16384"), ("filename", DATA_IMAGE),
-                      ("description", "Thox data (ext4, label thox-data): /var/lib/thox, kept across "
+                      ("description", "Thox data (ext4, label thox-data): /var/lib/thox-data, kept across "
                                       "rootfs A/B updates; its ext4 grows to the partition at boot.")):
         ET.SubElement(part, tag).text = f" {text} "
     return part

@@ -87,8 +87,9 @@ def test_builder_removes_and_scans_with_the_apps_secret_list(tmp_path):
 
 def test_finalize_leaves_a_clean_tree_and_changes_nothing_else(tmp_path):
     """Finalize removes what a build leaves, records the package lists and moves the data
-    directory's contents to the factory data (the data partition is made from it; the mount
-    point stays, empty, with its owner and mode); every other change to the tree (host name,
+    directory's contents to THOX_HOME's folder in the factory data (the data partition is made
+    from it: its top folder root's, 0755; the mount points stay, empty, the data partition's
+    root's); every other change to the tree (host name,
     units, fstab, network) is the roles' (the image role)."""
     root = _tree(tmp_path)
     (root / "root/notes.txt").unlink()
@@ -105,12 +106,15 @@ def test_finalize_leaves_a_clean_tree_and_changes_nothing_else(tmp_path):
     assert lists[0]["date"] == "Sat, 08 Nov 2025 09:20:41 UTC" and lists[0]["codename"] == "bookworm"
     for untouched in ("etc/hostname", "etc/hosts", "etc/fstab", "etc/systemd", "etc/thox", "etc/resolv.conf"):
         assert not (root / untouched).exists(), untouched
-    factory = root / slot.FACTORY_DATA
-    assert list((root / "var/lib/thox").iterdir()) == []
-    assert sorted(p.name for p in factory.iterdir()) == ["config.json"], "the API key is gone, the config kept"
-    for d in (root / "var/lib/thox", factory, factory / "config.json"):
+    factory, home = root / slot.FACTORY_DATA, root / slot.FACTORY_HOME
+    assert list((root / "var/lib/thox").iterdir()) == [] and list((root / "var/lib/thox-data").iterdir()) == []
+    assert sorted(p.name for p in factory.iterdir()) == ["thox"]
+    assert sorted(p.name for p in home.iterdir()) == ["config.json"], "the API key is gone, the config kept"
+    for d in (root / "var/lib/thox", home, home / "config.json"):
         assert (d.stat().st_uid, d.stat().st_gid) == (999, 995), d
-    assert factory.stat().st_mode & 0o777 == 0o750
+    assert home.stat().st_mode & 0o777 == 0o750
+    for d in (factory, root / "var/lib/thox-data"):
+        assert (d.stat().st_uid, d.stat().st_gid, d.stat().st_mode & 0o777) == (0, 0, 0o755), d
 
 
 def test_raw_image_scan(tmp_path):
@@ -312,7 +316,8 @@ def _debugfs(img: Path, offset_mib: int, request: str) -> str:
 def test_disk_layout_slots_and_data_partition(tmp_path):
     """The GPT of a built disk: ESP, thox-a and thox-b of the same fixed size, thox-data last;
     slot A's ext4 holds the version in os-release (the root fs it was made from unchanged),
-    slot B is empty, thox-data is the factory data with its owner and mode."""
+    slot B is empty, thox-data is the factory data: root's top folder (0755), thox/ with its
+    owner and mode."""
     root = _fake_root(tmp_path)
     ctx = Context(target="amd64", arch="amd64", out=tmp_path / "out", root=root, cache=tmp_path / "cache")
     esp_file, img = tmp_path / "esp.img", tmp_path / "disk.img"
@@ -334,13 +339,15 @@ def test_disk_layout_slots_and_data_partition(tmp_path):
     assert "ID=debian" in release and "IMAGE_ID=thox\nIMAGE_VERSION=7.1\n" in release
     assert "IMAGE_VERSION" not in (root / "usr/lib/os-release").read_text(), "the cached root fs is not changed"
     assert f'Fast link dest: "vmlinuz-{KERNEL_VERSION}"' in _debugfs(img, a, "stat /boot/vmlinuz")
-    assert "config.json" in _debugfs(img, a, f"ls /{slot.FACTORY_DATA}")
+    assert "config.json" in _debugfs(img, a, f"ls /{slot.FACTORY_HOME}")
     with open(img, "rb") as f:
         f.seek(b << 20)
         assert f.read(1 << 20).count(0) == 1 << 20, "slot B holds nothing in a fresh image"
     stat = _debugfs(img, data, "stat /")
-    assert "Mode:  0750" in stat and "User:   999   Group:   995" in stat
-    assert "model.gguf" in _debugfs(img, data, "ls /models/m")
+    assert "Mode:  0755" in stat and "User:     0   Group:     0" in stat, stat
+    stat = _debugfs(img, data, "stat /thox")
+    assert "Mode:  0750" in stat and "User:   999   Group:   995" in stat, stat
+    assert "model.gguf" in _debugfs(img, data, "ls /thox/models/m")
     label = subprocess.run(["dumpe2fs", "-h", f"{img}?offset={data << 20}"], capture_output=True, text=True).stdout
     assert "Filesystem volume name:   thox-data" in label
 

@@ -368,11 +368,12 @@ def test_pipeline_on_fixture_tarballs(fixtures, tmp_path, monkeypatch, capsys):
     layout = (l4t / "tools/kernel_flash/thox_flash_l4t_t234_nvme_rootfs_ab.xml").read_text()
     assert [p["name"] for p in _partitions(layout)][3:5] == ["APP_b", "thox-data"]
     data = l4t / "bootloader/thox-data.ext4"
-    dump = subprocess.run(["debugfs", "-R", "cat /models/canary.txt", str(data)], capture_output=True, text=True)
+    dump = subprocess.run(["debugfs", "-R", "cat /thox/models/canary.txt", str(data)], capture_output=True, text=True)
     assert dump.stdout == "canary\n", dump.stderr
     label = subprocess.run(["dumpe2fs", "-h", str(data)], capture_output=True, text=True).stdout
     assert "Filesystem volume name:   thox-data" in label
-    assert not list((rootfs / "var/lib/thox").iterdir()), "the data partition's mount point is left empty"
+    assert not list((rootfs / "var/lib/thox").iterdir()), "THOX_HOME's mount point is left empty"
+    assert not list((rootfs / "var/lib/thox-data").iterdir()), "the data partition's mount point is left empty"
     assert (rootfs / "etc/machine-id").read_text() == ""          # finalize: per-device ids removed
     assert not list((rootfs / "etc/ssh").glob("ssh_host_*"))
     assert not (rootfs / "etc/systemd/system/thox-ssh-hostkeys.service").exists(), "the image role's, not run"

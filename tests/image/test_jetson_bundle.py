@@ -141,7 +141,9 @@ def test_complete_boot_copies_the_dtb_and_refuses_missing_boot_files(tmp_path):
 
 def _fstab(**layout) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FSTAB_J2.parent)), keep_trailing_newline=True)
-    return env.get_template(FSTAB_J2.name).render(ansible_managed="managed", thox_home="/" + slot.DATA_MOUNT,
+    return env.get_template(FSTAB_J2.name).render(ansible_managed="managed", thox_home="/" + slot.HOME_MOUNT,
+                                                  thox_data_dir="/" + slot.DATA_MOUNT,
+                                                  thox_data_home=f"/{slot.DATA_MOUNT}/{slot.HOME_NAME}",
                                                   **{"image_esp_partlabel": "", "image_data_partlabel": "",
                                                      **layout})
 
@@ -153,7 +155,10 @@ def test_fstab_mounts_thox_data_and_the_esp_on_both_targets(tmp_path):
     layout = {k: v for k, v in ctx.target_vars.items() if k.startswith("image_")}
     jet = _fstab(**layout)
     assert jetson.FSTAB_DATA.search(jet), jet
-    assert "PARTLABEL=thox-data\t/var/lib/thox\text4\tdefaults,x-systemd.growfs\t0\t2" in jet
+    assert "PARTLABEL=thox-data\t/var/lib/thox-data\text4\tdefaults,x-systemd.growfs\t0\t2" in jet
+    assert ("/var/lib/thox-data/thox\t/var/lib/thox\tnone\tbind,x-systemd.requires-mounts-for=/var/lib/thox-data"
+            "\t0\t0") in jet
+    assert jetson.FSTAB_HOME.search(jet), jet
     assert "PARTLABEL=esp\t/boot/efi\tvfat" in jet, "the factory reset flag lies on the ESP on Jetson too"
     amd = _fstab(**disk.layout_vars())
     assert "PARTLABEL=esp\t/boot/efi\tvfat" in amd and jetson.FSTAB_DATA.search(amd)

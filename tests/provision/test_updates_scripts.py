@@ -290,6 +290,47 @@ def test_pre_install_snapshots_the_config(tmp_path):
     assert not snap.exists()
 
 
+def test_pre_install_follows_no_planted_link(tmp_path):
+    """THOX_HOME is the service user's: a config.json that is a symbolic link is not read, a
+    system folder that is a link, or not root's alone, is not written into, and a planted link
+    at any name the snapshot could take is replaced, never written through."""
+    home, sysdir = tmp_path / "home", tmp_path / "system"
+    home.mkdir()
+    conf = tmp_path / "updates.conf"
+    conf.write_text(f"THOX_HOME={home}\nTHOX_SYSTEM_DIR={sysdir}\n")
+    env = dict(os.environ, THOX_UPDATES_CONF=str(conf))
+    secret = tmp_path / "secret"
+    secret.write_text("root only\n")
+    (home / "config.json").symlink_to(secret)
+    p = run([str(PRE)], env=env, check=False)
+    assert p.returncode != 0 and not (sysdir / "config-before-update.json").exists(), p.stdout + p.stderr
+    (home / "config.json").unlink()
+    (home / "config.json").write_text('{"api": {}}\n')
+    # a system folder that is a link elsewhere
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sysdir.symlink_to(elsewhere)
+    p = run([str(PRE)], env=env, check=False)
+    assert p.returncode != 0 and list(elsewhere.iterdir()) == [], p.stdout + p.stderr
+    sysdir.unlink()
+    # a system folder others may write to
+    sysdir.mkdir()
+    os.chmod(sysdir, 0o777)
+    p = run([str(PRE)], env=env, check=False)
+    assert p.returncode != 0 and list(sysdir.iterdir()) == [], p.stdout + p.stderr
+    os.chmod(sysdir, 0o755)
+    # links planted at the snapshot's name and at the old temporary name are replaced
+    target = tmp_path / "target"
+    target.write_text("untouched\n")
+    (sysdir / "config-before-update.json").symlink_to(target)
+    (sysdir / "config-before-update.json.tmp").symlink_to(target)
+    run([str(PRE)], env=env)
+    snap = sysdir / "config-before-update.json"
+    assert not snap.is_symlink() and snap.read_text() == '{"api": {}}\n'
+    assert target.read_text() == "untouched\n"
+    assert sorted(x.name for x in sysdir.iterdir()) == ["config-before-update.json", "config-before-update.json.tmp"]
+
+
 def _ext4(path: Path, size_mb: int = 8) -> Path:
     run(["truncate", "-s", f"{size_mb}M", str(path)])
     run(["mkfs.ext4", "-q", "-F", str(path)])
@@ -408,28 +449,36 @@ exit 2
 
 def test_factory_reset_makes_the_data_partition_anew(tmp_path):
     """A used data partition (a file here) becomes the factory data again: label thox-data,
-    top folder owned by the service user with mode 0750, old files gone; the flag is removed."""
+    top folder root's with mode 0755, THOX_HOME's folder thox/ the service user's with mode 0750
+    (whatever the factory data's owners), old files gone; the flag is removed."""
     need_tools("mkfs.ext4", "debugfs")
     part = _ext4(tmp_path / "data.ext4", 16)
     run(["debugfs", "-w", "-R", "mkdir canary", str(part)])
     data = tmp_path / "factory-data"
-    (data / "models").mkdir(parents=True)
-    (data / "config.json").write_text('{"api": {}}\n')
+    (data / "thox/models").mkdir(parents=True)
+    (data / "thox/config.json").write_text('{"api": {}}\n')
+    os.chmod(data, 0o700)
+    os.chmod(data / "thox", 0o777)
     flag = tmp_path / "factory-reset"
     flag.write_text("")
-    p = run([str(RESET), str(part), str(data), str(flag), "daemon:daemon"])
+    p = run([str(RESET), str(part), str(data), str(flag), "daemon:daemon", "thox"])
     assert "made anew" in p.stdout
     assert not flag.exists()
     assert run(["blkid", "-s", "LABEL", "-o", "value", str(part)]).stdout.strip() == "thox-data"
     listing = run(["debugfs", "-R", "ls -l /", str(part)]).stdout
-    assert "canary" not in listing and "models" in listing and "config.json" in listing
-    stat = run(["debugfs", "-R", "stat /", str(part)]).stdout
+    assert "canary" not in listing and "thox" in listing
+    assert "models" in run(["debugfs", "-R", "ls -l /thox", str(part)]).stdout
+    top = run(["debugfs", "-R", "stat /", str(part)]).stdout
+    assert "Mode:  0755" in top and re.search(r"User:\s+0\s+Group:\s+0\b", top), top
+    home = run(["debugfs", "-R", "stat /thox", str(part)]).stdout
     uid, gid = run(["id", "-u", "daemon"]).stdout.strip(), run(["id", "-g", "daemon"]).stdout.strip()
-    assert "Mode:  0750" in stat and re.search(rf"User:\s+{uid}\s+Group:\s+{gid}\b", stat), stat
-    assert _debugfs_cat(part, "/config.json") == '{"api": {}}\n'
-    # a missing folder of factory data: an error, the partition untouched
-    p = run([str(RESET), str(part), str(tmp_path / "none"), str(flag), "daemon:daemon"], check=False)
-    assert p.returncode != 0 and "no " in p.stderr
+    assert "Mode:  0750" in home and re.search(rf"User:\s+{uid}\s+Group:\s+{gid}\b", home), home
+    assert _debugfs_cat(part, "/thox/config.json") == '{"api": {}}\n'
+    # a missing folder of factory data, or one without THOX_HOME's folder: an error
+    for bad in (tmp_path / "none", data / "thox/models"):
+        p = run([str(RESET), str(part), str(bad), str(flag), "daemon:daemon", "thox"], check=False)
+        assert p.returncode != 0 and "no " in p.stderr, p.stderr
+    assert "config.json" in run(["debugfs", "-R", "ls -l /thox", str(part)]).stdout
 
 
 # ---------------------------------------------------------------------- ssh host keys
