@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
 import time
 
 import httpx
@@ -141,6 +143,64 @@ def test_too_large_is_refused(fw, admin):
                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 413 and "updates.max_upload_bytes" in r.text
     assert updates_files(fw) == []
+
+
+def _chunked_upload(c: httpx.Client, token: str, size: int) -> httpx.Response:
+    """A multipart upload of ``size`` random bytes sent chunked (no length announced)."""
+    boundary = "thoxtestboundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{token}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="big.raucb"\r\n'
+            f'Content-Type: application/octet-stream\r\n\r\n').encode()
+
+    def body():
+        yield head
+        for _ in range(size // 65536):
+            yield os.urandom(65536)
+        yield f"\r\n--{boundary}--\r\n".encode()
+    return c.post("/update/upload", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def test_a_full_data_partition_is_a_413_naming_the_free_space(fw, admin):
+    """THOX_HOME/updates on a small tmpfs: an upload announced larger than the free space is
+    refused before it is read; one sent chunked that runs out of space (ENOSPC) is a 413, not a 500."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (mount)")
+    d = fw.home / "updates"
+    d.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "thox-test-updates", str(d)], check=True)
+    try:
+        token = csrf_of(admin.get("/").text)
+        r = upload(admin, os.urandom(512 << 10), token)
+        assert r.status_code == 413 and "does not fit" in r.text and "free on the data partition" in r.text, r.text
+        r = _chunked_upload(admin, token, 768 << 10)
+        assert r.status_code == 413, r.text
+        assert "Storing the bundle failed (No space left on device)" in r.text and "free on the data partition" in r.text
+        assert list(d.iterdir()) == [], "the partial upload is removed"
+        # the page still works and a later upload that fits goes through to RAUC
+        assert admin.get("/").status_code == 200
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def test_a_refused_upload_is_not_read_to_its_end(fw):
+    """Signed out, a body announced at 512 MiB: the 403 comes after at most about 1 MiB was
+    read, with Connection: close, and the server closes the connection (the old behaviour read
+    and dropped up to updates.max_upload_bytes, here raised to 4 GiB, before answering)."""
+    run_thox(fw.home, "config", "set", "updates.max_upload_bytes", str(4 << 30))
+    try:
+        with socket.create_connection(("127.0.0.1", fw.port), timeout=60) as sock:
+            sock.sendall(f"POST /update/upload HTTP/1.1\r\nHost: 127.0.0.1:{fw.port}\r\n"
+                         f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {512 << 20}\r\n\r\n"
+                         .encode())
+            sock.sendall(b"\0" * (2 << 20))      # more than the server reads; the kernel buffers the rest
+            answer = b""
+            while chunk := sock.recv(65536):     # ends only when the server closes the connection
+                answer += chunk
+        head = answer.split(b"\r\n\r\n", 1)[0].decode().lower()
+        assert head.startswith("http/1.1 403") and "connection: close" in head, head
+        assert b"Sign in first" in answer
+    finally:
+        run_thox(fw.home, "config", "set", "updates.max_upload_bytes", str(UPLOAD_CAP))
 
 
 def test_bad_bundle_shows_rauc_s_error(fw, admin):

@@ -8,9 +8,12 @@ hooks leave its body alone (``STREAMED_ENDPOINTS``) and this module reads
 the form part by part. Its ``csrf`` field must come before the file (it does
 in the page's form); a file part without a valid token before it is a 403.
 The body may be as large as ``updates.max_upload_bytes`` (413 above; a
-body announced larger is refused before it is read). A refused upload's body
-is read to its end and dropped before the answer, so the client, still
-sending, gets to read it. After
+body announced larger is refused before it is read), and must fit in the free
+space of ``$THOX_HOME/updates/`` (413 naming the free space: announced larger,
+or a write failing on the way, ENOSPC or EIO). Before a refusal is answered, up
+to ``DRAIN_BYTES`` of the rest of the body are read and dropped, so a client
+still sending a small form gets to read it; a longer body is not read on: the
+answer says ``Connection: close`` and the connection is closed after it. After
 the upload, RAUC checks the bundle (``rauc info``: signature, compatible) and
 installs it in the background; the page shows the progress and RAUC's error
 if any. The reboot button writes the request file that the root unit
@@ -23,6 +26,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from ..config import Config
 from ..errors import ThoxError
+from ..ui import format_bytes
 from ..updates import device, rauc
 from .routes import blueprint
 from .security import csrf_ok
@@ -45,6 +50,8 @@ log = logging.getLogger("thox.web")
 UPLOAD_PATH = "/update/upload"
 UPLOAD_NAME = "web-upload.raucb"
 MAX_FIELD = 4096
+# the most of a refused upload's remaining body read (and dropped) before the answer
+DRAIN_BYTES = 1 << 20
 
 
 def upload_request_class(base: type[Request]) -> type[Request]:
@@ -75,6 +82,9 @@ async def _stream_upload(s: Session, dest_dir: Path, cap: int) -> Path:
     # fields are bounded below (MAX_FIELD), the file by `cap`
     decoder = MultipartDecoder(opts["boundary"].encode(), max_parts=8)
     dest_dir.mkdir(parents=True, exist_ok=True)
+    declared = request.content_length
+    if declared is not None and declared > _free_bytes(dest_dir):
+        raise _no_space(dest_dir, f"The upload ({format_bytes(declared)}) does not fit")
     part = dest_dir / f".upload-{secrets.token_hex(6)}.part"
     fields: dict[str, bytearray] = {}
     current: bytearray | None = None
@@ -106,15 +116,18 @@ async def _stream_upload(s: Session, dest_dir: Path, cap: int) -> Path:
                         total += len(event.data)
                         if total > cap:
                             raise RequestEntityTooLarge()
-                        out.write(event.data)
+                        _write(out, event.data, dest_dir)
         decoder.receive_data(None)
         if out is None or total == 0:
             raise _Refused(400, "No bundle", "Choose a bundle file (.raucb) to upload.")
-        out.flush()
-        os.fsync(out.fileno())
-        out.close()
-        dest = dest_dir / UPLOAD_NAME
-        os.replace(part, dest)
+        try:
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+            dest = dest_dir / UPLOAD_NAME
+            os.replace(part, dest)
+        except OSError as e:
+            raise _no_space(dest_dir, f"Storing the bundle failed ({e.strerror})") from None
         return dest
     finally:
         if out is not None and not out.closed:
@@ -126,6 +139,26 @@ class _Refused(Exception):
     def __init__(self, status: int, title: str, message: str):
         super().__init__(message)
         self.status, self.title, self.message = status, title, message
+
+
+def _free_bytes(d: Path) -> int:
+    try:
+        return shutil.disk_usage(d).free
+    except OSError:
+        return 0
+
+
+def _no_space(d: Path, what: str) -> _Refused:
+    return _Refused(413, "Not enough space", f"{what}: {format_bytes(_free_bytes(d))} free on the data "
+                                             f"partition ({d}). Delete models to make room, then try again.")
+
+
+def _write(out: Any, data: bytes, dest_dir: Path) -> None:
+    """Write a piece of the bundle; a failing write (ENOSPC, EIO) is a refusal naming the free space."""
+    try:
+        out.write(data)
+    except OSError as e:
+        raise _no_space(dest_dir, f"Storing the bundle failed ({e.strerror})") from None
 
 
 async def _install(path: Path, j: FirmwareJob) -> None:
@@ -142,22 +175,24 @@ async def _install(path: Path, j: FirmwareJob) -> None:
         path.unlink(missing_ok=True)
 
 
-async def _drain(limit: int) -> None:
-    """Read and drop the rest of the body (up to ``limit`` bytes), so the
-    client, still sending, gets to read the answer."""
+async def _drain(limit: int) -> bool:
+    """Read and drop the rest of the body, up to ``limit`` bytes; True when it ended."""
     n = 0
     try:
         async for chunk in request.body:
             n += len(chunk)
             if n > limit:
-                return
+                return False
     except HTTPException:
-        return
+        return False
+    return True
 
 
-async def _refuse(status: int, title: str, message: str, cap: int):
-    await _drain(cap)
-    return await error_page(status, title, message)
+async def _refuse(status: int, title: str, message: str):
+    """The error page, once the rest of a short body is read; after a long one the
+    connection is closed (the rest of the body is never read)."""
+    ended = await _drain(DRAIN_BYTES)
+    return await error_page(status, title, message, None if ended else {"Connection": "close"})
 
 
 @blueprint.post(UPLOAD_PATH)
@@ -165,23 +200,23 @@ async def update_upload():
     cap = int(config().get("updates.max_upload_bytes"))
     s = _signed_in()
     if s is None:
-        return await _refuse(403, "Sign in first", "Sign in with the admin password to install an update.", cap)
+        return await _refuse(403, "Sign in first", "Sign in with the admin password to install an update.")
     j = job()
     if j.busy or j.lock.locked():
-        return await _refuse(409, "Update in progress", "An update is being uploaded or installed already.", cap)
+        return await _refuse(409, "Update in progress", "An update is being uploaded or installed already.")
     async with j.lock:
         j.state, j.error, j.percent, j.step, j.version = "uploading", None, 0, "uploading", None
         try:
             path = await _stream_upload(s, config().home / "updates", cap)
         except _Refused as e:
             j.state = "idle"
-            return await _refuse(e.status, e.title, e.message, cap)
+            return await _refuse(e.status, e.title, e.message)
         except RequestEntityTooLarge:
             j.state = "idle"
             if request.content_length is not None and request.content_length > cap:
                 raise        # announced too large: answered at once, nothing read
             return await _refuse(413, "Request too large", f"The bundle is larger than the limit "
-                                 f"(updates.max_upload_bytes = {cap} bytes).", cap)
+                                 f"(updates.max_upload_bytes = {cap} bytes).")
         except BaseException:
             j.state = "idle"
             raise
