@@ -371,6 +371,69 @@ def test_post_install_carries_the_machine_id_into_the_target_slot(tmp_path):
     assert p.returncode != 0 and "no rootfs slot" in p.stderr
 
 
+def test_post_install_carries_root_s_and_the_admin_s_ssh_keys(tmp_path):
+    """authorized_keys of root and of THOX_SSH_USER (image.conf) on this system are added to the
+    same users' files in the new slot (owner from the slot's passwd, 0700/0600, lines the slot has
+    kept, none doubled); the machine-id still goes in; a link planted for a key file is not followed."""
+    need_root()
+    need_tools("mkfs.ext4", "debugfs", "mount", "umount")
+    here = tmp_path / "running"
+    (here / "etc").mkdir(parents=True)
+    (here / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\nnvadmin:x:1000:1000::/home/nvadmin:/bin/bash\n"
+                                     "other:x:1001:1001::/home/other:/bin/sh\n")
+    for home, keys in (("root", "ssh-ed25519 AAAAroot root@laptop\n"),
+                       ("home/nvadmin", "ssh-ed25519 AAAAbaked owner\nssh-ed25519 AAAAimported esp\n"),
+                       ("home/other", "ssh-ed25519 AAAAother x\n")):
+        (here / home / ".ssh").mkdir(parents=True)
+        (here / home / ".ssh/authorized_keys").write_text(keys)
+    image_conf = tmp_path / "image.conf"
+    image_conf.write_text("# managed\nTHOX_SSH_USER=nvadmin\n")
+    # the new slot: its own passwd (the admin with another uid), the admin's baked key already there
+    tree = tmp_path / "slot"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\nnvadmin:x:1005:1006::/home/nvadmin:/bin/bash\n")
+    (tree / "home/nvadmin/.ssh").mkdir(parents=True)
+    (tree / "home/nvadmin/.ssh/authorized_keys").write_text("ssh-ed25519 AAAAbaked owner\n")
+    slot_b = tmp_path / "b.ext4"
+    run(["truncate", "-s", "8M", str(slot_b)])
+    run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(slot_b)])
+    mid = tmp_path / "machine-id"
+    mid.write_text("0123456789abcdef0123456789abcdef\n")
+    env = dict(os.environ, MACHINE_ID=str(mid), RAUC_MOUNT_PREFIX=str(tmp_path / "mnt"), RAUC_TARGET_SLOTS="2",
+               RAUC_SLOT_NAME_2="rootfs.1", RAUC_SLOT_CLASS_2="rootfs", RAUC_SLOT_DEVICE_2=str(slot_b),
+               RAUC_SLOT_BOOTNAME_2="B", IMAGE_CONF=str(image_conf), SSH_KEYS_ROOT=str(here))
+    p = run([str(POST)], env=env)
+    assert "ssh keys of root carried" in p.stdout and "ssh keys of nvadmin carried" in p.stdout, p.stdout
+    assert _debugfs_cat(slot_b, "/etc/machine-id") == mid.read_text()
+    assert _debugfs_cat(slot_b, "/root/.ssh/authorized_keys") == "ssh-ed25519 AAAAroot root@laptop\n"
+    assert _debugfs_cat(slot_b, "/home/nvadmin/.ssh/authorized_keys") == \
+        "ssh-ed25519 AAAAbaked owner\nssh-ed25519 AAAAimported esp\n"
+    assert "other" not in run(["debugfs", "-R", "ls /home", str(slot_b)]).stdout, "only root and the admin"
+    for inner, mode, owner in (("/home/nvadmin/.ssh/authorized_keys", "0600", (1005, 1006)),
+                               ("/home/nvadmin/.ssh", "0700", (1005, 1006)), ("/root/.ssh/authorized_keys", "0600", (0, 0))):
+        st = run(["debugfs", "-R", f"stat {inner}", str(slot_b)]).stdout
+        assert f"Mode:  {mode}" in st and re.search(rf"User:\s+{owner[0]}\s+Group:\s+{owner[1]}\b", st), (inner, st)
+    # again: nothing doubled
+    run([str(POST)], env=env)
+    assert _debugfs_cat(slot_b, "/home/nvadmin/.ssh/authorized_keys") == \
+        "ssh-ed25519 AAAAbaked owner\nssh-ed25519 AAAAimported esp\n"
+    # a key file that is a link (to a root-only file) is not carried
+    secret = tmp_path / "shadow"
+    secret.write_text("root:secret\n")
+    (here / "root/.ssh/authorized_keys").unlink()
+    (here / "root/.ssh/authorized_keys").symlink_to(secret)
+    (here / "home/nvadmin/.ssh/authorized_keys").write_text("ssh-ed25519 AAAAnew later\n")
+    p = run([str(POST)], env=env)
+    assert "ssh keys of root carried" not in p.stdout
+    assert "secret" not in _debugfs_cat(slot_b, "/root/.ssh/authorized_keys")
+    assert _debugfs_cat(slot_b, "/home/nvadmin/.ssh/authorized_keys").endswith("ssh-ed25519 AAAAnew later\n")
+    # without image.conf only root's keys are looked at
+    (here / "root/.ssh/authorized_keys").unlink()
+    (here / "root/.ssh/authorized_keys").write_text("ssh-ed25519 AAAAroot2 x\n")
+    p = run([str(POST)], env=dict(env, IMAGE_CONF=str(tmp_path / "none.conf")))
+    assert "ssh keys of root carried" in p.stdout and "nvadmin" not in p.stdout
+
+
 JETSON_EXTLINUX = """TIMEOUT 30
 DEFAULT primary
 
