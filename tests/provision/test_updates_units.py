@@ -205,9 +205,9 @@ def test_sshd_host_keys_on_the_data_partition(tmp_path, amd64):
 DBUS_DEFAULT_POLICY = re.compile(r'  <policy context="default">.*?</policy>', re.S)
 
 
-def _dbus_call(sock: Path, user: str) -> str:
+def _dbus_call(sock: Path, user: str, method: str = "de.pengutronix.rauc.Installer.GetSlotStatus", *args: str) -> str:
     p = subprocess.run(["runuser", "-u", user, "--", "dbus-send", "--system", "--print-reply", "--reply-timeout=5000",
-                        "--dest=de.pengutronix.rauc", "/", "de.pengutronix.rauc.Installer.GetSlotStatus"],
+                        "--dest=de.pengutronix.rauc", "/", method, *args],
                        capture_output=True, text=True, timeout=30, env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={sock}"))
     return p.stdout + p.stderr
 
@@ -262,6 +262,45 @@ def test_dbus_policy_lets_root_and_the_service_user_call_rauc(tmp_path):
             proc.terminate()
             proc.wait(timeout=10)
             shutil.rmtree(d, ignore_errors=True)
+
+
+# what `rauc status` and `rauc install` (RAUC 1.8) send over D-Bus, and what only root may
+RAUC_CLIENT_CALLS = [("de.pengutronix.rauc.Installer.GetSlotStatus",),
+                     ("de.pengutronix.rauc.Installer.GetPrimary",),
+                     ("de.pengutronix.rauc.Installer.InstallBundle", "string:/x.raucb", "dict:string:string:"),
+                     ("de.pengutronix.rauc.Installer.Install", "string:/x.raucb"),
+                     ("org.freedesktop.DBus.Properties.GetAll", "string:de.pengutronix.rauc.Installer"),
+                     ("org.freedesktop.DBus.Properties.Get", "string:de.pengutronix.rauc.Installer", "string:Operation"),
+                     ("org.freedesktop.DBus.Introspectable.Introspect",)]
+ROOT_ONLY_CALLS = [("de.pengutronix.rauc.Installer.Mark", "string:good", "string:booted"),
+                   ("de.pengutronix.rauc.Installer.Mark", "string:active", "string:other"),
+                   ("org.freedesktop.DBus.Properties.Set", "string:de.pengutronix.rauc.Installer", "string:Operation",
+                    "variant:string:idle")]
+
+
+def test_dbus_policy_lets_the_service_user_install_and_read_but_not_mark(tmp_path):
+    """The service user (rendered for `daemon`) gets through with each call the rauc client makes
+    for status and install; Mark (good, bad, active) and setting a property are refused to it and
+    not to root."""
+    need_root()
+    need_tools("dbus-daemon", "dbus-send", "runuser")
+    pol = tmp_path / "thox-rauc.conf"
+    pol.write_text(_render(tmp_path / "r", {"thox_user": "daemon"})["thox-rauc.conf"])
+    d = Path(tempfile.mkdtemp(prefix="thox-bus-"))
+    d.chmod(0o755)
+    proc, sock = _bus(d, [pol])
+    try:
+        for call in RAUC_CLIENT_CALLS:
+            out = _dbus_call(sock, "daemon", *call)
+            assert "AccessDenied" not in out and "de.pengutronix.rauc" in out, (call, out)
+        for call in ROOT_ONLY_CALLS:
+            assert "AccessDenied" in _dbus_call(sock, "daemon", *call), call
+            out = _dbus_call(sock, "root", *call)
+            assert "AccessDenied" not in out and "de.pengutronix.rauc" in out, (call, out)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- the role's own checks
