@@ -127,7 +127,7 @@ FIRST_BOOT_UNITS = ["thox-ssh-import", "thox-growdata", "thox-ssh-hostkeys", "th
 
 
 def test_first_boot_made_the_device_its_own(vm):
-    parts = ["cat /etc/machine-id", "hostname", "ls /var/lib/thox/system/ssh/", "stat -c '%a %U' /var/lib/thox/api_key",
+    parts = ["cat /etc/machine-id", "hostname", "ls /var/lib/thox-data/system/ssh/", "stat -c '%a %U' /var/lib/thox/api_key",
              # one state per unit; `|| true`: is-active exits non-zero when any unit is not active
              "systemctl is-active " + " ".join(FIRST_BOOT_UNITS) + " || true",
              "findmnt -n -b -o SIZE /var/lib/thox", "systemctl --failed --no-legend --plain",

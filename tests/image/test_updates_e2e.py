@@ -227,7 +227,7 @@ class Box:
         return {
             "api_key": self.ssh("cat /var/lib/thox/api_key").strip(),
             "machine_id": self.ssh("cat /etc/machine-id").strip(),
-            "host_key": self.ssh("ssh-keygen -lf /var/lib/thox/system/ssh/ssh_host_ed25519_key.pub").split()[1],
+            "host_key": self.ssh("ssh-keygen -lf /var/lib/thox-data/system/ssh/ssh_host_ed25519_key.pub").split()[1],
             "models": self.ssh("thox models list"),
             "version": re.search(r"^IMAGE_VERSION=\"?([^\"\n]*)", self.ssh("cat /etc/os-release"), re.M).group(1),
             "booted": st.get("booted"),

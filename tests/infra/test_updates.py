@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.slow_infra,
               pytest.mark.skipif(os.environ.get("THOX_IMAGE") != "1", reason="a booted image only (THOX_IMAGE=1)")]
 
 HOME = "/var/lib/thox"
-SYSTEM = f"{HOME}/system"
+DATA = "/var/lib/thox-data"
+SYSTEM = f"{DATA}/system"
+USER = "thox"
 KEY_TYPES = ("ed25519", "rsa", "ecdsa")
 
 
@@ -81,20 +83,35 @@ def test_the_service_user_may_use_rauc_and_others_may_not(host):
     assert r.rc != 0 and ("AccessDenied" in said or "Rejected send message" in said), said
 
 
-def test_data_partition_is_thox_home(host):
+def test_data_partition_holds_thox_home(host):
+    """The data partition is mounted at DATA; THOX_HOME is a bind mount of its folder thox/."""
     with root(host):
-        source = host.check_output(f"findmnt -n -o SOURCE --mountpoint {HOME}")
-        fstype = host.check_output(f"findmnt -n -o FSTYPE --mountpoint {HOME}")
+        source = host.check_output(f"findmnt -n -o SOURCE --mountpoint {DATA}")
+        fstype = host.check_output(f"findmnt -n -o FSTYPE --mountpoint {DATA}")
         data = host.check_output("readlink -f /dev/disk/by-partlabel/thox-data")
         label = host.check_output(f"blkid -s LABEL -o value {data}")
+        data_dev = host.check_output(f"findmnt -n -o MAJ:MIN --mountpoint {DATA}")
+        home_dev = host.check_output(f"findmnt -n -o MAJ:MIN --mountpoint {HOME}")
+        home_root = host.check_output(f"findmnt -n -o FSROOT --mountpoint {HOME}")
     assert source == data and fstype == "ext4" and label == "thox-data", (source, data, fstype, label)
+    assert home_dev == data_dev and home_root == "/thox", (home_dev, data_dev, home_root)
     root_source = host.check_output("findmnt -n -o SOURCE --mountpoint /")
     assert root_source != data
 
 
 def test_system_dir_is_roots(host):
-    d = host.file(SYSTEM)
-    assert d.is_directory and d.user == "root" and d.group == "root" and d.mode == 0o755
+    """The data partition's top folder and system/ are root's, 0755: the service user can
+    neither write into them nor rename system/ (it owns only thox/, THOX_HOME)."""
+    for path in (DATA, SYSTEM):
+        d = host.file(path)
+        assert d.is_directory and d.user == "root" and d.group == "root" and d.mode == 0o755, path
+    home = host.file(f"{DATA}/thox")
+    assert home.is_directory and home.user == USER and home.mode == 0o750
+    with root(host):
+        for path in (DATA, SYSTEM):
+            assert host.run(f"runuser -u {USER} -- test -w {path}").rc != 0, path
+        moved = host.run(f"runuser -u {USER} -- mv {SYSTEM} {DATA}/thox/system")
+        assert moved.rc != 0 and host.file(SYSTEM).is_directory, moved.stderr
 
 
 def test_host_keys_on_the_data_partition(host):

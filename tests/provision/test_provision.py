@@ -146,7 +146,9 @@ def test_image_build_in_chroot(inputs, image_root):
     assert "THOX_SSH_USER=root" in (r / "etc/thox/image.conf").read_text().splitlines()
     fstab = (r / "etc/fstab").read_text()
     assert "PARTLABEL=esp\t/boot/efi\tvfat\tumask=0077" in fstab and (r / "boot/efi").is_dir()
-    assert "PARTLABEL=thox-data\t/var/lib/thox\text4\tdefaults,x-systemd.growfs" in fstab
+    assert "PARTLABEL=thox-data\t/var/lib/thox-data\text4\tdefaults,x-systemd.growfs" in fstab
+    assert "/var/lib/thox-data/thox\t/var/lib/thox\tnone\tbind,x-systemd.requires-mounts-for=/var/lib/thox-data" in fstab
+    assert (r / "var/lib/thox-data").stat().st_uid == 0 and (r / "var/lib/thox-data").stat().st_mode & 0o777 == 0o755
     assert not [line for line in fstab.splitlines() if line.split()[1:2] == ["/"]], "root comes from the cmdline"
     for link in ("boot/vmlinuz", "boot/initrd.img"):
         assert (r / link).is_symlink() and (r / link).resolve().is_file(), link

@@ -102,37 +102,43 @@ def test_health_unit(amd64):
 
 def test_units_follow_the_role_variables(tmp_path):
     files = _render(tmp_path / "knobs", {"thox_api_port": 8123, "updates_health_timeout": 90,
-                                         "updates_health_max_restarts": 7, "thox_home": "/srv/thox-data",
+                                         "updates_health_max_restarts": 7, "thox_home": "/srv/thox-home",
+                                         "thox_data_dir": "/srv/thox-data",
                                          "thox_user": "svc", "updates_data_device": "/dev/disk/by-partlabel/data-x"})
     h = _lines(files["thox-health.service"])
-    assert {"Environment=THOX_HEALTH_PORT=8123", "Environment=THOX_HEALTH_CONFIG=/srv/thox-data/config.json",
+    assert {"Environment=THOX_HEALTH_PORT=8123", "Environment=THOX_HEALTH_CONFIG=/srv/thox-home/config.json",
             "Environment=THOX_HEALTH_TIMEOUT=90",
             "Environment=THOX_HEALTH_MAX_RESTARTS=7", "TimeoutStartSec=210"} <= h
-    assert "PathExists=/srv/thox-data/requests/reboot" in _lines(files["thox-reboot.path"])
-    assert "ExecStart=/usr/bin/rm -f /srv/thox-data/requests/reboot" in _lines(files["thox-reboot.service"])
+    assert "PathExists=/srv/thox-home/requests/reboot" in _lines(files["thox-reboot.path"])
+    assert {"User=svc", "ExecStart=/usr/bin/rm -f /srv/thox-home/requests/reboot",
+            "ExecStart=+/usr/bin/systemctl reboot"} <= _lines(files["thox-reboot.service"])
     f = _lines(files["thox-factory-reset.service"])
-    assert r"Before=srv-thox\x2ddata.mount systemd-fsck@dev-disk-by\x2dpartlabel-data\x2dx.service local-fs.target" in f
+    assert (r"Before=srv-thox\x2ddata.mount srv-thox\x2dhome.mount systemd-fsck@dev-disk-by\x2dpartlabel-data\x2dx.service "
+            "local-fs.target") in f
     assert r"Requires=dev-disk-by\x2dpartlabel-data\x2dx.device" in f
     assert "ExecStart=/usr/local/lib/thox/thox-factory-reset /dev/disk/by-partlabel/data-x " \
-           "/usr/lib/thox/factory-data /boot/efi/thox/factory-reset svc:thox" in f
+           "/usr/lib/thox/factory-data /boot/efi/thox/factory-reset svc:thox thox" in f
     assert "d /srv/thox-data/system 0755 root root -" in _lines(files["tmpfiles.conf"])
-    assert "d /srv/thox-data/requests 0750 svc thox -" in _lines(files["tmpfiles.conf"])
+    assert "d /srv/thox-home/requests 0750 svc thox -" in _lines(files["tmpfiles.conf"])
     assert "ExecStart=/usr/local/sbin/thox-ssh-hostkeys /srv/thox-data/system/ssh" in _lines(files["thox-ssh-hostkeys.service"])
     assert 'allow send_destination="de.pengutronix.rauc"' in files["thox-rauc.conf"] and 'user="svc"' in files["thox-rauc.conf"]
-    assert "THOX_SYSTEM_DIR=/srv/thox-data/system" in _lines(files["updates.conf"])
+    assert {"THOX_HOME=/srv/thox-home", "THOX_SYSTEM_DIR=/srv/thox-data/system"} <= _lines(files["updates.conf"])
+    assert "statusfile=/srv/thox-data/system/rauc.status" in _lines(files["system.conf"])
 
 
 def test_factory_reset_runs_before_the_data_partition_is_mounted(amd64):
     f = _lines(amd64["thox-factory-reset.service"])
     for line in ("DefaultDependencies=no", "ConditionPathExists=/boot/efi/thox/factory-reset",
                  "RequiresMountsFor=/boot/efi/thox",
-                 r"Before=var-lib-thox.mount systemd-fsck@dev-disk-by\x2dpartlabel-thox\x2ddata.service local-fs.target",
+                 r"Before=var-lib-thox\x2ddata.mount var-lib-thox.mount "
+                 r"systemd-fsck@dev-disk-by\x2dpartlabel-thox\x2ddata.service local-fs.target",
                  "ExecStart=/usr/local/lib/thox/thox-factory-reset /dev/disk/by-partlabel/thox-data "
-                 "/usr/lib/thox/factory-data /boot/efi/thox/factory-reset thox:thox", "WantedBy=local-fs.target"):
+                 "/usr/lib/thox/factory-data /boot/efi/thox/factory-reset thox:thox thox", "WantedBy=local-fs.target"):
         assert line in f, line
     # the unit names systemd derives from the paths are the ones systemd-escape gives
     if shutil.which("systemd-escape"):
-        for path, suffix in (("/var/lib/thox", "mount"), ("/dev/disk/by-partlabel/thox-data", "device")):
+        for path, suffix in (("/var/lib/thox", "mount"), ("/var/lib/thox-data", "mount"),
+                             ("/dev/disk/by-partlabel/thox-data", "device")):
             name = run(["systemd-escape", "--path", f"--suffix={suffix}", path]).stdout.strip()
             assert name in amd64["thox-factory-reset.service"], name
 
@@ -147,7 +153,7 @@ def test_system_conf_amd64(amd64):
     c = _conf(amd64["system.conf"])
     assert dict(c["system"]) == {"compatible": "thox-amd64", "bootloader": "grub",
                                  "grubenv": "/boot/efi/EFI/thox/grubenv",
-                                 "statusfile": "/var/lib/thox/system/rauc.status", "bundle-formats": "-plain",
+                                 "statusfile": "/var/lib/thox-data/system/rauc.status", "bundle-formats": "-plain",
                                  "max-bundle-download-size": "4294967296"}
     assert dict(c["keyring"]) == {"path": "/etc/rauc/keyring.pem"}
     assert dict(c["handlers"]) == {"pre-install": "/usr/local/lib/thox/rauc-pre-install",
@@ -164,7 +170,7 @@ def test_system_conf_jetson(jetson):
     assert (ANSIBLE_DIR / "roles/jetson/files/thox-rauc-nvbootctrl").is_file()
     assert c["slot.rootfs.0"]["device"] == "/dev/disk/by-partlabel/APP" and c["slot.rootfs.0"]["bootname"] == "A"
     assert c["slot.rootfs.1"]["device"] == "/dev/disk/by-partlabel/APP_b" and c["slot.rootfs.1"]["bootname"] == "B"
-    assert c["system"]["statusfile"] == "/var/lib/thox/system/rauc.status"
+    assert c["system"]["statusfile"] == "/var/lib/thox-data/system/rauc.status"
 
 
 def _rauc_loads(tmp: Path, text: str) -> subprocess.CompletedProcess:
@@ -188,13 +194,13 @@ def test_rauc_loads_the_system_conf(tmp_path, request, target):
 
 def test_watchdog_and_tmpfiles(amd64):
     assert _conf(amd64["watchdog.conf"])["Manager"]["RuntimeWatchdogSec"] == "60"
-    assert _lines(amd64["tmpfiles.conf"]) == {"d /var/lib/thox/system 0755 root root -",
+    assert _lines(amd64["tmpfiles.conf"]) == {"d /var/lib/thox-data/system 0755 root root -",
                                               "d /var/lib/thox/requests 0750 thox thox -"}
 
 
 def test_sshd_host_keys_on_the_data_partition(tmp_path, amd64):
     keys = [ln for ln in amd64["sshd.conf"].splitlines() if ln.startswith("HostKey ")]
-    assert keys == [f"HostKey /var/lib/thox/system/ssh/ssh_host_{t}_key" for t in ("ed25519", "rsa", "ecdsa")]
+    assert keys == [f"HostKey /var/lib/thox-data/system/ssh/ssh_host_{t}_key" for t in ("ed25519", "rsa", "ecdsa")]
     live = _render(tmp_path / "live", {"thox_image_build": False})["sshd.conf"]
     assert [ln for ln in live.splitlines() if ln.startswith("HostKey ")] == \
         [f"HostKey /etc/ssh/ssh_host_{t}_key" for t in ("ed25519", "rsa", "ecdsa")]
