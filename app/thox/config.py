@@ -39,13 +39,15 @@ def thox_home() -> Path:
     return Path(os.environ.get("THOX_HOME") or DEFAULT_HOME)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically with the given permission bits."""
+def atomic_write(path: Path, data: bytes, mode: int | None = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically with the given permission bits (None: the file
+    system's own, as on vfat, where chmod fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, mode)
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -131,16 +131,6 @@ def write_factory_reset_flag() -> Path:
                         f"(its ESP mounted at /boot/efi)")
     if not os.access(flag.parent, os.W_OK):
         raise ThoxError(f"cannot write {flag}: a factory reset needs root (run it with sudo)")
-    # the ESP is vfat: no chmod (atomic_write's fchmod fails there); the flag's presence is what counts
-    tmp = flag.with_name(flag.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(f"requested {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, flag)
-    fd = os.open(flag.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # the ESP is vfat: no chmod; the flag's presence is what counts
+    atomic_write(flag, f"requested {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), mode=None)
     return flag
