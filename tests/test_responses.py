@@ -242,5 +242,5 @@ def test_openai_agents_sdk(server):
         return result.final_output, kinds, streamed.final_output
 
     final, kinds, streamed_final = asyncio.run(run())
-    assert len(seen) == 2 and final == f"sunny in {seen[0]}"
+    assert len(seen) == 2 and final == f"sunny in {seen[0]}", (seen, final, kinds, streamed_final)
     assert "raw_response_event" in kinds and streamed_final == f"sunny in {seen[1]}"
