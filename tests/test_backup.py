@@ -20,18 +20,9 @@ from pathlib import Path
 import pytest
 
 from thox.agecrypt import Age, Secret, zstd
-from thoxtest import THOX, require, run_thox
+from thoxtest import THOX, one_line_error, require, run_thox
 
 PASSPHRASE = "correct horse battery staple"
-
-
-def one_line_error(p, needle: str) -> str:
-    assert p.returncode != 0, p.stdout
-    assert "Traceback" not in p.stderr
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("thox: error: "), p.stderr
-    assert needle.lower() in p.stderr.lower(), p.stderr
-    return lines[0]
 
 
 def snapshot(home: Path) -> dict[str, bytes]:

@@ -11,17 +11,8 @@ import subprocess
 
 import pytest
 
-from thoxtest import run_thox
+from thoxtest import one_line_error, run_thox
 from updatestest import RangeServer, make_bundle, make_ca, stub_env, stub_state
-
-
-def one_line_error(p, needle: str) -> str:
-    assert p.returncode != 0, p.stdout
-    assert "Traceback" not in p.stderr
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("thox: error: "), p.stderr
-    assert needle.lower() in p.stderr.lower(), p.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -135,3 +135,13 @@ def sse_events(resp: httpx.Response) -> list:
         data = block[len("data: "):]
         out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+def one_line_error(p, needle: str) -> str:
+    """A CLI run that failed with one `thox: error: ...` line naming needle (no traceback)."""
+    assert p.returncode != 0, p.stdout
+    assert "Traceback" not in p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("thox: error: "), p.stderr
+    assert needle.lower() in p.stderr.lower(), p.stderr
+    return lines[0]

@@ -91,3 +91,9 @@ def netns_factory():
     yield make
     for ns in reversed(made):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def verify_units(root: Path, names: list[str]) -> subprocess.CompletedProcess:
+    """`systemd-analyze verify` of units installed under root's /etc/systemd/system."""
+    return run(["systemd-analyze", "verify", "--man=no", f"--root={root}", *[f"/etc/systemd/system/{u}" for u in names]],
+               check=False)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_tools, render, run
+from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_tools, render, run, verify_units
 
 pytestmark = pytest.mark.slow_infra
 ROLES = ANSIBLE_DIR / "roles"
@@ -81,15 +80,10 @@ def _verify_root(tmp_path: Path, units: dict[str, str], prefix: str = "/opt/thox
     return root
 
 
-def _verify(root: Path, names: list[str]) -> subprocess.CompletedProcess:
-    return run(["systemd-analyze", "verify", "--man=no", f"--root={root}", *[f"/etc/systemd/system/{u}" for u in names]],
-               check=False)
-
-
-def test_units_verify(tmp_path, units):
+def test_unitsverify_units(tmp_path, units):
     need_tools("systemd-analyze")
     assert sorted(units) == sorted(UNITS)
-    p = _verify(_verify_root(tmp_path, units), UNITS)
+    p = verify_units(_verify_root(tmp_path, units), UNITS)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
 
 
@@ -97,7 +91,7 @@ def test_units_verify_catches_a_broken_unit(tmp_path, units):
     """Control: the same check fails on a unit with an unknown directive."""
     need_tools("systemd-analyze")
     bad = units["thox-api.service"].replace("[Service]", "[Service]\nExecStrat=/bin/true\n")
-    p = _verify(_verify_root(tmp_path, {"thox-api.service": bad}), ["thox-api.service"])
+    p = verify_units(_verify_root(tmp_path, {"thox-api.service": bad}), ["thox-api.service"])
     assert "ExecStrat" in p.stderr
 
 
@@ -143,7 +137,7 @@ def test_units_follow_the_role_variables(tmp_path):
         assert re.search(r"^ExecStart=/usr/local/thox/venv/bin/thox (serve|firstboot)$", u, re.M), name
     assert "ConditionPathExists=|!/srv/thox-state/api_key" in units["thox-firstboot.service"]
     root = _verify_root(tmp_path, units, prefix=KNOBS["thox_prefix"])
-    p = _verify(root, UNITS)
+    p = verify_units(root, UNITS)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
     lan = units["thox-lan-sets.service"]
     assert "thox-firewall" not in lan, lan

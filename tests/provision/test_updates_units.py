@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_root, need_tools, render, run
+from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_root, need_tools, render, run, verify_units
 
 pytestmark = pytest.mark.slow_infra
 
@@ -63,14 +63,9 @@ def _verify_root(tmp: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def _verify(root: Path, names: list[str]) -> subprocess.CompletedProcess:
-    return run(["systemd-analyze", "verify", "--man=no", f"--root={root}", *[f"/etc/systemd/system/{u}" for u in names]],
-               check=False)
-
-
-def test_units_verify(tmp_path, amd64):
+def test_unitsverify_units(tmp_path, amd64):
     need_tools("systemd-analyze")
-    p = _verify(_verify_root(tmp_path, amd64), UNITS)
+    p = verify_units(_verify_root(tmp_path, amd64), UNITS)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
 
 
@@ -78,7 +73,7 @@ def test_units_verify_catches_a_broken_unit(tmp_path, amd64):
     """Control: the same check fails on a unit with an unknown directive."""
     need_tools("systemd-analyze")
     broken = dict(amd64, **{"thox-reboot.path": amd64["thox-reboot.path"].replace("[Path]", "[Path]\nPathExist=/x")})
-    p = _verify(_verify_root(tmp_path, broken), ["thox-reboot.path"])
+    p = verify_units(_verify_root(tmp_path, broken), ["thox-reboot.path"])
     assert "PathExist" in p.stderr
 
 
