@@ -13,6 +13,47 @@ sys.path.insert(0, str(ROOT / "tests"))
 from thoxtest import ALLOW_SKIP, SHARED, Server, _nullable, make_home, require, write_tiny_gguf  # noqa: E402
 
 
+# `make test` runs the suite on pytest-xdist workers (`--dist loadgroup`, TEST_WORKERS in the
+# Makefile). Every test gets a group, and a group runs on one worker, in order:
+#   image-vm   the tests on the session's image (`built_image`: one cold build, VMs one at a time);
+#              their processes (the build, QEMU) run niced, as background work beside the rest
+#   provision  tests/provision (one ansible home, one provisioned tree)
+#   <module>   every other module (its module-scoped servers started once)
+IMAGE_GROUP = "image-vm"
+IMAGE_NICE = 10
+
+
+def xdist_group(item) -> str:
+    if "built_image" in item.fixturenames:
+        return IMAGE_GROUP
+    path = Path(str(item.fspath)).resolve()
+    if (ROOT / "tests" / "provision") in path.parents:
+        return "provision"
+    return str(path.relative_to(ROOT))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """On an xdist worker, an image-vm test (and what it starts: the build, QEMU) runs at nice
+    IMAGE_NICE: the API tests' latency bounds see the CPU they are written for."""
+    import os
+    background = os.environ.get("PYTEST_XDIST_WORKER") and xdist_group(item) == IMAGE_GROUP
+    if background:
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, max(before, IMAGE_NICE))
+    try:
+        yield
+    finally:
+        if background:
+            os.setpriority(os.PRIO_PROCESS, 0, before)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """A run with any skipped test fails (a skip hides a check that did not run),
     unless THOX_ALLOW_SKIP=1 allows skips explicitly."""

@@ -21,7 +21,7 @@ from thoxtest import free_port
 pytestmark = [pytest.mark.image, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
-STOP_TIMEOUT_S = 10          # QEMU_STOP_TIMEOUT: the power-off wait before the kill
+STOP_TIMEOUT_S = 3           # QEMU_STOP_TIMEOUT: the power-off wait before the kill
 STOP_BOUND_S = 45            # from the signal to QEMU gone and its ports free
 
 
