@@ -18,7 +18,7 @@ DEV_HOME     ?= $(CURDIR)/.thox-home
 HOSTPORT     ?= 127.0.0.1:8080
 APT_PACKAGES := build-essential cmake git curl python3-venv python3-pip nodejs npm age zstd rauc squashfs-tools openssl
 PYTEST_ARGS  ?=
-# pytest-xdist workers for `make test` (tests/conftest.py groups the tests; 0 runs them in one process)
+# pytest-xdist workers for `make test` (tests/conftest.py: which tests share a worker; 0: one process)
 TEST_WORKERS ?= 2
 
 export THOX_CACHE := $(CACHE)
@@ -87,7 +87,7 @@ test-api: venv node-deps ## API, store and CLI tests only
 	$(PY) -m pytest $(API_TESTS) $(PYTEST_ARGS)
 
 test: venv node-deps $(TEST_DEPS) ## everything CI runs
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist load --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: image-demo ## the newcomer's first command: build the image, boot it in QEMU, print URL and key
 

@@ -13,29 +13,42 @@ sys.path.insert(0, str(ROOT / "tests"))
 from thoxtest import ALLOW_SKIP, SHARED, Server, _nullable, make_home, require, write_tiny_gguf  # noqa: E402
 
 
-# `make test` runs the suite on pytest-xdist workers (`--dist loadgroup`, TEST_WORKERS in the
-# Makefile). Every test gets a group, and a group runs on one worker, in order:
-#   image-vm   the tests on the session's image (`built_image`: one cold build, VMs one at a time);
-#              their processes (the build, QEMU) run niced, as background work beside the rest
+# `make test` runs the suite on pytest-xdist workers (TEST_WORKERS in the Makefile). Each test
+# belongs to a scope, and a scope runs on one worker, in order (the scheduler below):
+#   image-vm   the modules on the session's image (`built_image`: one cold build, VMs one at a
+#              time); their processes (the build, QEMU) run niced, as background work beside the rest
 #   provision  tests/provision (one ansible home, one provisioned tree)
 #   <module>   every other module (its module-scoped servers started once)
-IMAGE_GROUP = "image-vm"
+# The scopes go by module path because the controller sees node ids only; a test that uses
+# `built_image` from a module not listed here stops the run at collection.
+IMAGE_VM_MODULES = ("tests/image/test_image_e2e.py", "tests/image/test_run_image_stop.py",
+                    "tests/image/test_updates_e2e.py")
+IMAGE_VM = "image-vm"
 IMAGE_NICE = 10
 
 
-def xdist_group(item) -> str:
-    if "built_image" in item.fixturenames:
-        return IMAGE_GROUP
-    path = Path(str(item.fspath)).resolve()
-    if (ROOT / "tests" / "provision") in path.parents:
+def xdist_scope(nodeid: str) -> str:
+    module = nodeid.split("::")[0]
+    if module in IMAGE_VM_MODULES:
+        return IMAGE_VM
+    if module.startswith("tests/provision/"):
         return "provision"
-    return str(path.relative_to(ROOT))
+    return module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+    return ScopeScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    stray = [i.nodeid for i in items if "built_image" in i.fixturenames and xdist_scope(i.nodeid) != IMAGE_VM]
+    if stray:
+        raise pytest.UsageError(f"{stray[0]} uses built_image: add its module to IMAGE_VM_MODULES (tests/conftest.py)")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -43,7 +56,7 @@ def pytest_runtest_protocol(item, nextitem):
     """On an xdist worker, an image-vm test (and what it starts: the build, QEMU) runs at nice
     IMAGE_NICE: the API tests' latency bounds see the CPU they are written for."""
     import os
-    background = os.environ.get("PYTEST_XDIST_WORKER") and xdist_group(item) == IMAGE_GROUP
+    background = os.environ.get("PYTEST_XDIST_WORKER") and xdist_scope(item.nodeid) == IMAGE_VM
     if background:
         before = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, 0, max(before, IMAGE_NICE))

@@ -115,8 +115,26 @@ class Box:
         self.qmp = rundir / "qmp.sock"
         self.vm: qemu.VM | None = None
         self.boots = 0
+        self.conn = 0            # the ssh connection generation: a new one for every boot
+
+    # one multiplexed ssh connection per boot: a key exchange under TCG costs the guest about a
+    # second, and this module runs a few hundred commands
+    def _ssh_opts(self) -> list[str]:
+        return [*qemu.SSH_OPTS, "-i", str(self.key), "-o", "ControlMaster=auto",
+                "-o", f"ControlPath={self.rundir}/cm-{self.conn}", "-o", "ControlPersist=300",
+                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+
+    def ssh_argv(self, command: str) -> list[str]:
+        return ["ssh", *self._ssh_opts(), "-p", str(self.ssh_port), f"{self.user}@127.0.0.1", command]
+
+    def new_connection(self) -> None:
+        """The guest went (or goes) down: stop this boot's master connection, use a new one."""
+        subprocess.run(["ssh", *self._ssh_opts(), "-O", "exit", "-p", str(self.ssh_port), f"{self.user}@127.0.0.1"],
+                       capture_output=True, timeout=30)
+        self.conn += 1
 
     def start(self) -> None:
+        self.new_connection()
         cmd = qemu.qemu_cmd(self.overlay, self.vars_fd, api_port=self.api_port, ssh_port=self.ssh_port,
                             pubkey=Path(str(self.key) + ".pub").read_text(), console=str(self.console),
                             qmp=self.qmp)
@@ -141,8 +159,7 @@ class Box:
         return self.vm.proc
 
     def ssh(self, command: str, check: bool = True, timeout: float = 600) -> str:
-        p = subprocess.run(qemu.ssh_cmd(self.ssh_port, self.key, self.user, command), capture_output=True, text=True,
-                           timeout=timeout)
+        p = subprocess.run(self.ssh_argv(command), capture_output=True, text=True, timeout=timeout)
         if check:
             assert p.returncode == 0, f"{command}: {p.stdout[-3000:]}{p.stderr[-3000:]}"
         return p.stdout
@@ -150,19 +167,18 @@ class Box:
     def ssh_rebooting(self, command: str, timeout: float = 1800) -> str:
         """A command that ends with the guest rebooting: ssh's exit status is the command's (0) or
         255 when the connection dropped as the guest went down; anything else is a failure."""
-        p = subprocess.run(qemu.ssh_cmd(self.ssh_port, self.key, self.user, command), capture_output=True, text=True,
-                           timeout=timeout)
+        p = subprocess.run(self.ssh_argv(command), capture_output=True, text=True, timeout=timeout)
         assert p.returncode in (0, 255), f"{command} ({p.returncode}): {p.stdout[-3000:]}{p.stderr[-3000:]}"
         if p.returncode == 255:
             assert "thox: error" not in p.stderr, p.stderr
         return p.stdout + p.stderr
 
     def scp_to(self, src: Path, dst: str) -> None:
-        subprocess.run(["scp", *qemu.SSH_OPTS, "-i", str(self.key), "-P", str(self.ssh_port), str(src),
+        subprocess.run(["scp", *self._ssh_opts(), "-P", str(self.ssh_port), str(src),
                         f"{self.user}@127.0.0.1:{dst}"], check=True, capture_output=True, timeout=900)
 
     def scp_from(self, src: str, dst: Path) -> None:
-        subprocess.run(["scp", *qemu.SSH_OPTS, "-i", str(self.key), "-P", str(self.ssh_port),
+        subprocess.run(["scp", *self._ssh_opts(), "-P", str(self.ssh_port),
                         f"{self.user}@127.0.0.1:{src}", str(dst)], check=True, capture_output=True, timeout=900)
 
     def up(self, timeout: float = BOOT_TIMEOUT) -> float:
@@ -182,8 +198,7 @@ class Box:
         comes first: the slot is marked good a poll later)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            p = subprocess.run(qemu.ssh_cmd(self.ssh_port, self.key, self.user,
-                                            "systemctl is-active thox-health.service"),
+            p = subprocess.run(self.ssh_argv("systemctl is-active thox-health.service"),
                                capture_output=True, text=True, timeout=60)
             state = p.stdout.strip()
             if state in ("active", "failed"):
@@ -198,10 +213,13 @@ class Box:
         """After a reboot the guest asked for: wait until ssh answers with a new boot id and the
         API is healthy."""
         t0 = time.monotonic()
+        self.new_connection()
         while time.monotonic() - t0 < timeout:
             assert self.proc.poll() is None, f"QEMU exited ({self.proc.returncode}):\n{self.serial()[-4000:]}"
-            p = subprocess.run(qemu.ssh_cmd(self.ssh_port, self.key, self.user, "cat /proc/sys/kernel/random/boot_id"),
-                               capture_output=True, text=True)
+            p = subprocess.run(self.ssh_argv("cat /proc/sys/kernel/random/boot_id"), capture_output=True, text=True,
+                               timeout=60)
+            if p.returncode == 0 and p.stdout.strip() == old_boot_id:
+                self.new_connection()        # still the old boot: its connection dies with it
             if p.returncode == 0 and p.stdout.strip() and p.stdout.strip() != old_boot_id:
                 break
             time.sleep(3)
@@ -213,6 +231,7 @@ class Box:
     def kill(self) -> None:
         self.vm.proc.kill()
         self.vm.proc.wait(30)
+        self.new_connection()
 
     def rauc_status(self) -> dict:
         return json.loads(self.ssh("rauc status --detailed --output-format=json"))
@@ -243,6 +262,7 @@ def box(built_image, tmp_path_factory):
     yield b
     if b.vm and b.proc.poll() is None:
         b.vm.power_off()
+    b.new_connection()
     record_times(**TIMES)
     shutil.copy(b.rundir / "console-all.log" if (b.rundir / "console-all.log").exists() else b.console,
                 REPO / "build" / "update-e2e-console.log")
@@ -287,8 +307,7 @@ def test_v1_booted_slot_a_marked_good(box, v1, bundles):
 def test_bundles_from_another_ca_or_truncated_are_refused(box, v1, bundles):
     for name in ("other", "truncated"):
         box.scp_to(bundles[name], f"/var/lib/thox/{bundles[name].name}")
-        p = subprocess.run(qemu.ssh_cmd(box.ssh_port, box.key, box.user,
-                                        f"thox update install /var/lib/thox/{bundles[name].name}"),
+        p = subprocess.run(box.ssh_argv(f"thox update install /var/lib/thox/{bundles[name].name}"),
                            capture_output=True, text=True, timeout=900)
         assert p.returncode != 0, p.stdout
         err = p.stderr.strip().splitlines()

@@ -151,3 +151,14 @@ def test_watchdog_reboot_path_and_factory_reset_are_armed(host):
     assert host.service("thox-factory-reset.service").is_enabled
     assert host.check_output("systemctl show -p ConditionResult --value thox-factory-reset.service") == "no"
     assert host.service("thox-health.service").is_enabled
+
+
+def test_hung_and_failed_boots_are_reset(host):
+    """systemd applies the boot deadline to multi-user.target and would start the failed-boot
+    reset with emergency and rescue mode (tests/provision/test_updates_units.py boots both)."""
+    assert host.check_output("systemctl show -p JobTimeoutUSec --value multi-user.target") == "15min"
+    assert host.check_output("systemctl show -p JobTimeoutAction --value multi-user.target") == "reboot-force"
+    assert host.service("thox-boot-failed.service").is_enabled
+    wants = host.check_output("systemctl show -p WantedBy --value thox-boot-failed.service").split()
+    assert {"emergency.target", "rescue.target"} <= set(wants)
+    assert host.check_output("systemctl show -p SuccessAction --value thox-boot-failed.service") == "reboot-force"

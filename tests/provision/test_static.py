@@ -27,9 +27,12 @@ UNIT_ROLES = {
     "thox-health.service": "updates",
     "thox-reboot.path": "updates",
     "thox-reboot.service": "updates",
+    "thox-boot-failed.service": "updates",
     "thox-factory-reset.service": "updates",
 }
 UNITS = list(UNIT_ROLES)
+# drop-ins the roles install into /etc/systemd/system (from systemd/ too): path -> role
+DROPIN_ROLES = {"multi-user.target.d/thox-boot-deadline.conf": "updates"}
 # non-default knobs: the units must follow them
 KNOBS = {"thox_user": "svc", "thox_group": "svcgrp", "thox_home": "/srv/thox-state", "thox_prefix": "/usr/local/thox",
          "firewall_links_dir": "/run/thox-fw-links"}
@@ -68,7 +71,7 @@ def _verify_root(tmp_path: Path, units: dict[str, str], prefix: str = "/opt/thox
     for exe in (f"{prefix.strip('/')}/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel",
                 "usr/local/sbin/thox-lan-sets", "usr/local/sbin/thox-growdata", "usr/local/sbin/thox-ssh-import",
                 "usr/bin/ssh-keygen", "usr/local/sbin/thox-ssh-hostkeys", "usr/local/lib/thox/thox-health",
-                "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl"):
+                "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl", "bin/sh"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")
@@ -194,10 +197,13 @@ def test_units_come_from_systemd_only():
                     assert module.endswith("template"), (role.name, task["name"])
                     src, dest = args["src"], args["dest"]
                     assert src.startswith("{{ thox_units_dir }}/"), (role.name, src)
-                    names = [i for i in task.get("loop", [])] if "{{ item }}" in dest else [dest.rsplit("/", 1)[1]]
+                    rel = dest.removeprefix("/etc/systemd/system/")
+                    names = [i for i in task.get("loop", [])] if "{{ item }}" in dest else [rel]
                     for n in names:
                         installed[n] = role.name
-    assert installed == UNIT_ROLES
+    assert installed == {**UNIT_ROLES, **DROPIN_ROLES}
+    for d in DROPIN_ROLES:
+        assert f"`{d.rsplit('/', 1)[1]}.j2`" in (SYSTEMD_DIR / "README.md").read_text(), d
     defaults = yaml.safe_load((ROLES / "thox/defaults/main.yml").read_text())
     where = Path(defaults["thox_units_dir"].replace("{{ playbook_dir }}", str(ANSIBLE_DIR)))
     assert (ANSIBLE_DIR / "site.yml").is_file() and where.resolve() == SYSTEMD_DIR.resolve()

@@ -21,12 +21,13 @@ pytestmark = pytest.mark.slow_infra
 
 ROLE = ANSIBLE_DIR / "roles/updates"
 UNITS = ["thox-health.service", "thox-reboot.path", "thox-reboot.service", "thox-factory-reset.service",
-         "thox-ssh-hostkeys.service"]
+         "thox-ssh-hostkeys.service", "thox-boot-failed.service"]
 # what the units above name, rendered alongside so that verify resolves them
 DEPS = ["thox-api.service", "thox-firstboot.service"]
 CONFIGS = {"system.conf": "updates/templates/system.conf.j2", "thox-rauc.conf": "updates/templates/thox-rauc.conf.j2",
            "tmpfiles.conf": "updates/templates/thox-updates.tmpfiles.j2",
            "watchdog.conf": "updates/templates/thox-watchdog.conf.j2", "updates.conf": "updates/templates/updates.conf.j2",
+           "boot-deadline.conf": str(SYSTEMD_DIR / "thox-boot-deadline.conf.j2"),
            "sshd.conf": "ssh/templates/sshd_thox.conf.j2"}
 
 
@@ -51,7 +52,7 @@ def _verify_root(tmp: Path, files: dict[str, str]) -> Path:
     root = tmp / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     for exe in ("opt/thox/venv/bin/thox", "usr/local/lib/thox/thox-health", "usr/local/sbin/thox-ssh-hostkeys",
-                "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl"):
+                "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl", "bin/sh"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")
@@ -98,6 +99,7 @@ def test_health_unit(amd64):
 def test_units_follow_the_role_variables(tmp_path):
     files = _render(tmp_path / "knobs", {"thox_api_port": 8123, "updates_health_timeout": 90,
                                          "updates_health_max_restarts": 7, "thox_home": "/srv/thox-home",
+                                         "updates_emergency_reset_sec": 9,
                                          "thox_data_dir": "/srv/thox-data",
                                          "thox_user": "svc", "updates_data_device": "/dev/disk/by-partlabel/data-x"})
     h = _lines(files["thox-health.service"])
@@ -119,6 +121,8 @@ def test_units_follow_the_role_variables(tmp_path):
     assert 'allow send_destination="de.pengutronix.rauc"' in files["thox-rauc.conf"] and 'user="svc"' in files["thox-rauc.conf"]
     assert {"THOX_HOME=/srv/thox-home", "THOX_SYSTEM_DIR=/srv/thox-data/system"} <= _lines(files["updates.conf"])
     assert "statusfile=/srv/thox-data/system/rauc.status" in _lines(files["system.conf"])
+    assert "JobTimeoutSec=390" in _lines(files["boot-deadline.conf"]), "the health timeout + 300 s"
+    assert "exec sleep 9'" in files["thox-boot-failed.service"]
 
 
 def test_factory_reset_runs_before_the_data_partition_is_mounted(amd64):
@@ -189,6 +193,9 @@ def test_rauc_loads_the_system_conf(tmp_path, request, target):
 
 def test_watchdog_and_tmpfiles(amd64):
     assert _conf(amd64["watchdog.conf"])["Manager"]["RuntimeWatchdogSec"] == "60"
+    assert dict(_conf(amd64["boot-deadline.conf"])["Unit"]) == {"jobtimeoutsec": "900",
+                                                                "jobtimeoutaction": "reboot-force"}
+    assert "exec sleep 120'" in amd64["thox-boot-failed.service"]
     assert _lines(amd64["tmpfiles.conf"]) == {"d /var/lib/thox-data/system 0755 root root -",
                                               "d /var/lib/thox/requests 0750 thox thox -"}
 
@@ -338,3 +345,86 @@ def test_keyring_must_be_a_certificate_without_a_key(tmp_path):
         p.stdout[-3000:]
     p = _play(tmp_path, {"updates_keyring_cert": str(key)})
     assert p.returncode != 0 and "it has a private key" in p.stdout, p.stdout[-3000:]
+
+
+# ------------------------------------------------------------------ hung and failed boots, for real
+@pytest.fixture(scope="module")
+def booting_tree(tmp_path_factory):
+    """The provisioning test's Debian root fs (mkrootfs.sh: systemd, built once and cached),
+    unpacked, with the failed-boot unit and the boot deadline as the role renders them, at
+    test timings (a 2 s wait in emergency mode, a 6 s deadline)."""
+    need_root()
+    need_tools("systemd-nspawn", "unshare", "tar")
+    tmp = tmp_path_factory.mktemp("hung-boot")
+    tarball = run([str(Path(__file__).with_name("mkrootfs.sh"))], timeout=900).stdout.strip().splitlines()[-1]
+    root = tmp / "root"
+    root.mkdir()
+    run(["tar", "-xf", tarball, "-C", str(root)], timeout=300)
+    files = _render(tmp / "render", {"updates_emergency_reset_sec": 2, "updates_boot_deadline_sec": 6})
+    units = root / "etc/systemd/system"
+    (units / "thox-boot-failed.service").write_text(files["thox-boot-failed.service"])
+    (units / "multi-user.target.d").mkdir(parents=True, exist_ok=True)
+    (units / "multi-user.target.d/thox-boot-deadline.conf").write_text(files["boot-deadline.conf"])
+    for target in ("emergency.target", "rescue.target"):    # what `systemctl enable` makes
+        (units / f"{target}.wants").mkdir(exist_ok=True)
+        (units / f"{target}.wants/thox-boot-failed.service").symlink_to("../thox-boot-failed.service")
+    return root
+
+
+def _boot(root: Path, *args: str, timeout: float = 120) -> tuple[int | None, str, float]:
+    """Boot the tree in a container (no network, no bus); its exit status (133: the container
+    asked for a reboot; None: still running after timeout, then halted), its console and the
+    seconds it ran."""
+    script = ('mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && '
+              'exec systemd-nspawn -q -D "$0" -b --register=no --keep-unit --private-network -- "$@"')
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out:
+        p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(root), *args],
+                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+            p.terminate()                    # nspawn halts the container
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.terminate()                # a second TERM: nspawn ends it at once
+                p.wait(30)
+        took = time.monotonic() - t0
+        out.seek(0)
+        return rc, out.read(), took
+
+
+def test_a_boot_in_emergency_mode_resets_the_box(booting_tree):
+    """A boot that lands in emergency mode says so on the console and reboots by itself (the
+    boot loader's try flag then picks the other slot)."""
+    rc, console, _ = _boot(booting_tree, "systemd.unit=emergency.target")
+    assert "thox-boot: emergency mode: resetting in 2 s" in console, console[-3000:]
+    assert rc == 133, f"the container did not reboot ({rc}):\n{console[-3000:]}"
+
+
+def test_a_boot_that_hangs_before_multi_user_is_reset_at_the_deadline(booting_tree):
+    """A unit that never finishes holds multi-user.target: the boot deadline resets the box,
+    not before the deadline. Control: the same boot with the deadline's drop-in moved away
+    still hangs when the deadline has passed."""
+    units = booting_tree / "etc/systemd/system"
+    (units / "thox-test-stuck.service").write_text(
+        "[Unit]\nDescription=a unit that hangs the boot\n[Service]\nType=oneshot\nExecStart=/bin/sleep infinity\n")
+    (units / "multi-user.target.wants").mkdir(exist_ok=True)
+    (units / "multi-user.target.wants/thox-test-stuck.service").symlink_to("../thox-test-stuck.service")
+    try:
+        rc, console, took = _boot(booting_tree)
+        assert rc == 133, f"the hung boot was not reset ({rc}):\n{console[-3000:]}"
+        assert took >= 6, f"reset after {took:.1f}s, before the 6 s deadline"
+        dropin = units / "multi-user.target.d/thox-boot-deadline.conf"
+        aside = booting_tree / "deadline.conf"
+        dropin.rename(aside)
+        try:
+            rc, console, _ = _boot(booting_tree, timeout=15)
+            assert rc is None, f"without the deadline the container ended by itself ({rc}):\n{console[-3000:]}"
+        finally:
+            aside.rename(dropin)
+    finally:
+        (units / "multi-user.target.wants/thox-test-stuck.service").unlink()
+        (units / "thox-test-stuck.service").unlink()
