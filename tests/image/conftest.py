@@ -3,7 +3,8 @@ OpenAI SDK smoke, power-off on every way `make run-image` ends) are marked `imag
 them with `-m image`, leave them out with `-m "not image"`.
 
 One image is built per test session (`built_image`), from a cold cache: every test that
-boots or inspects an image shares it."""
+boots or inspects an image shares it. It is booted once (`booted_image`): test_image_e2e checks
+that first boot, test_updates_e2e goes on from it on the same disk."""
 from __future__ import annotations
 
 import os
@@ -15,9 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from imagetest import CACHE, COMPILED_WHEELS, BuiltImage, mounts_under, record_times
+from imagetest import CACHE, COMPILED_WHEELS, Box, BuiltImage, mounts_under, record_times
 from thoxtest import require
 
+from image import qemu
 from image.common import DEFAULT_CACHE, pins
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,3 +90,26 @@ def built_image() -> BuiltImage:
             sys.stderr.write(f"\nleft {cold} in place: still mounted: {left}\n")
         else:
             shutil.rmtree(cold, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def booted_image(built_image, tmp_path_factory) -> Box:
+    """The session's image booted in QEMU on one persistent disk, up to its health verdict.
+    test_image_e2e checks this first boot; test_updates_e2e then updates, rolls back, cuts the
+    power, resets and finally powers it off (each boot of the image under TCG costs about a
+    minute of both cores)."""
+    box = Box(built_image.image, tmp_path_factory.mktemp("vm"), qemu.image_ssh_user(built_image.out / "manifest.json"))
+    t0 = time.monotonic()
+    box.start()
+    try:
+        box.up()
+    except BaseException:
+        box.vm.power_off(timeout=30)
+        raise
+    box.first_boot_s = round(time.monotonic() - t0, 1)
+    box.first_boot = {"boot_to_ssh_s": box.last_ssh_s, "boot_to_api_ready_s": box.last_api_s,
+                      "boot_to_health_verdict_s": box.first_boot_s}
+    yield box
+    if box.vm and box.proc.poll() is None:
+        box.vm.power_off()
+    box.new_connection()

@@ -1,7 +1,8 @@
 """End-to-end: build the amd64 image from a cold cache (`make image`, the session fixture
 `built_image`), boot it in QEMU (TCG, UEFI), check first boot over ssh, run the testinfra suite
 (tests/infra) over the forwarded ssh port and the OpenAI SDK smoke (chat, stream, embeddings)
-over the forwarded API port, power off cleanly.
+over the forwarded API port. The VM is the session's (conftest.booted_image): test_updates_e2e
+goes on from this boot and checks the clean power-off last.
 
 Marked `image`: `pytest -m image tests/image` runs only these; `-m "not image"` leaves them out.
 Timings go to build/image-e2e-times.json (cold build, boot to ssh, boot to API ready, ...).
@@ -17,9 +18,9 @@ from pathlib import Path
 import openai
 import pytest
 from imagetest import record_times
-from thoxtest import free_port, require
+from thoxtest import require
 
-from image import qemu, scan
+from image import scan
 from image.common import pins
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(3600)]
@@ -39,41 +40,19 @@ def image(built_image):
 
 
 @pytest.fixture(scope="module")
-def vm(built_image, tmp_path_factory):
-    rundir = tmp_path_factory.mktemp("vm")
-    api_port, ssh_port = free_port(), free_port()
-    overlay, vars_fd = qemu.prepare(built_image.image, rundir)
-    key = qemu.ensure_key(rundir / "id_ed25519")
-    user = qemu.image_ssh_user(built_image.out / "manifest.json")
-    console = rundir / "console.log"
-    qmp = rundir / "qmp.sock"
-    cmd = qemu.qemu_cmd(overlay, vars_fd, api_port=api_port, ssh_port=ssh_port,
-                        pubkey=Path(str(key) + ".pub").read_text(), console=str(console), qmp=qmp)
-    t0 = time.monotonic()
-    machine = qemu.VM(cmd, qmp).__enter__()
-    info = {"vm": machine, "proc": machine.proc, "api_port": api_port, "ssh_port": ssh_port, "key": key,
-            "user": user, "console": console, "qmp": qmp, "rundir": rundir}
-    try:
-        qemu.wait_ssh(ssh_port, key, user, 600, machine.proc)
-        TIMES["boot_to_ssh_s"] = round(time.monotonic() - t0, 1)
-        machine.ssh = (ssh_port, key, user)
-        qemu.wait_health(api_port, 600, machine.proc)
-        TIMES["boot_to_api_ready_s"] = round(time.monotonic() - t0, 1)
-    except Exception:
-        tail = console.read_text(errors="replace")[-5000:] if console.exists() else ""
-        machine.power_off(timeout=30)
-        pytest.fail(f"the image did not come up; console tail:\n{tail}")
-    yield info
-    if machine.proc.poll() is None:
-        info["shutdown"] = machine.power_off()
+def vm(booted_image):
+    """The session's first boot of the image (conftest.booted_image, which test_updates_e2e
+    goes on from; it powers the VM off last)."""
+    b = booted_image
+    TIMES.update(b.first_boot)
+    yield {"box": b, "vm": b.vm, "proc": b.proc, "api_port": b.api_port, "ssh_port": b.ssh_port, "key": b.key,
+           "user": b.user, "console": b.console, "rundir": b.rundir}
+    record_times(**TIMES)
+    sys.stderr.write(f"\nimage e2e timings: {json.dumps(TIMES)}\n")
 
 
 def ssh(vm, command: str, check: bool = True) -> str:
-    p = subprocess.run(qemu.ssh_cmd(vm["ssh_port"], vm["key"], vm["user"], command),
-                       capture_output=True, text=True, timeout=120)
-    if check:
-        assert p.returncode == 0, f"{command}: {p.stdout}{p.stderr}"
-    return p.stdout
+    return vm["box"].ssh(command, check=check, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -217,15 +196,3 @@ def test_sigkill_restart_on_the_image(vm, api_key):
     assert r["seconds"] < IMAGE_RESTART_BOUND_S, r
     pid = ssh(vm, "systemctl show -p MainPID --value thox-api.service").strip()
     assert pid == str(r["new"]), "the process that answered is the one systemd runs"
-
-
-def test_clean_shutdown(vm):
-    """Last: `systemctl poweroff` over ssh, QEMU exits by itself with status 0."""
-    t = time.monotonic()
-    how = vm["vm"].power_off()
-    TIMES["shutdown_s"] = round(time.monotonic() - t, 1)
-    assert how == "ssh poweroff" and vm["proc"].returncode == 0
-    console = vm["console"].read_text(errors="replace")
-    assert "reboot: Power down" in console
-    record_times(**TIMES)
-    sys.stderr.write(f"\nimage e2e timings: {json.dumps(TIMES)}\n")

@@ -11,9 +11,13 @@ on one persistent disk, the tests in this module run in order:
      the box comes back on slot B, version 2, with key, identity and canary kept; OpenAI SDK call;
   4. v3 (bad) installed and rebooted into: its health check fails, the slot is marked bad and the
      box reboots by itself into v2 (serial log and `rauc status` agree); nothing is lost;
-  5. power cut while a bundle is being written (QEMU killed): the box boots the old slot;
+  5. power cut while a bundle (v3 again) is being written (QEMU killed): the box boots the old slot;
   6. `thox factory-reset --reboot`: a new key, no canary, same version;
-  7. `thox backup restore` of the backup from step 1 on the reset box: key, config and models back.
+  7. `thox backup restore` of the backup from step 1 on the reset box: key, config and models back;
+  8. `systemctl poweroff`: QEMU exits by itself with status 0.
+
+Step 1 is the session's first boot of the image (conftest.booted_image), which test_image_e2e
+checked before.
 
 Each boot's time goes to build/image-e2e-times.json (`update_*` keys). Loopback only: the
 guest reaches the bundle server through QEMU's user network (10.0.2.2 is the host's loopback).
@@ -30,8 +34,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from imagetest import record_times
-from thoxtest import free_port
+from imagetest import BOOT_TIMEOUT, record_times
 from updatestest import RangeServer, make_bundle, make_ca
 
 from image import qemu
@@ -41,7 +44,6 @@ pytestmark = [pytest.mark.image, pytest.mark.timeout(5400)]
 
 REPO = Path(__file__).resolve().parents[2]
 TIMES: dict[str, float] = {}
-BOOT_TIMEOUT = 900            # one boot under TCG on a loaded 2-core host, API ready
 BAD_SLOT_TIMEOUT = 1800       # the bad slot's boot, its health check giving up, and the boot back
 CANARY = "canary-tiny"
 BROKEN_API_DROPIN = "[Service]\nExecStart=\nExecStart=/bin/false\n"
@@ -93,179 +95,22 @@ def bundles(built_image, tmp_path_factory):
     (dropin / "zz-broken.conf").write_text(BROKEN_API_DROPIN)
     v2 = image_bundle(built_image, "2", d)
     v3 = image_bundle(built_image, "3", d, overlay)
-    truncated = d / "thox-amd64-truncated.raucb"
+    truncated = d / "thox-amd64-truncated.raucb"      # a download cut short: the first 64 MiB
     with open(v2, "rb") as src, open(truncated, "wb") as dst:
-        dst.write(src.read(v2.stat().st_size // 2))
+        dst.write(src.read(64 << 20))
     other = other_ca_bundle(d)
     manifest = json.loads((built_image.out / "manifest.json").read_text())
     return {"dir": d, "v2": v2, "v3": v3, "truncated": truncated, "other": other, "manifest": manifest}
 
 
-# ------------------------------------------------------------------ one VM, one disk, many boots
-class Box:
-    """The VM on one persistent overlay disk and one firmware-variables file: `start` boots it
-    (again), `kill` is the power cut."""
-
-    def __init__(self, image: Path, rundir: Path, user: str):
-        self.rundir, self.user = rundir, user
-        self.overlay, self.vars_fd = qemu.prepare(image, rundir)
-        self.key = qemu.ensure_key(rundir / "id_ed25519")
-        self.api_port, self.ssh_port = free_port(), free_port()
-        self.console = rundir / "console.log"
-        self.qmp = rundir / "qmp.sock"
-        self.vm: qemu.VM | None = None
-        self.boots = 0
-        self.conn = 0            # the ssh connection generation: a new one for every boot
-
-    # one multiplexed ssh connection per boot: a key exchange under TCG costs the guest about a
-    # second, and this module runs a few hundred commands
-    def _ssh_opts(self) -> list[str]:
-        return [*qemu.SSH_OPTS, "-i", str(self.key), "-o", "ControlMaster=auto",
-                "-o", f"ControlPath={self.rundir}/cm-{self.conn}", "-o", "ControlPersist=300",
-                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
-
-    def ssh_argv(self, command: str) -> list[str]:
-        return ["ssh", *self._ssh_opts(), "-p", str(self.ssh_port), f"{self.user}@127.0.0.1", command]
-
-    def new_connection(self) -> None:
-        """The guest went (or goes) down: stop this boot's master connection, use a new one."""
-        subprocess.run(["ssh", *self._ssh_opts(), "-O", "exit", "-p", str(self.ssh_port), f"{self.user}@127.0.0.1"],
-                       capture_output=True, timeout=30)
-        self.conn += 1
-
-    def start(self) -> None:
-        self.new_connection()
-        cmd = qemu.qemu_cmd(self.overlay, self.vars_fd, api_port=self.api_port, ssh_port=self.ssh_port,
-                            pubkey=Path(str(self.key) + ".pub").read_text(), console=str(self.console),
-                            qmp=self.qmp)
-        # the serial log of every power-on is kept (QEMU truncates its file: append by hand)
-        self._save_console()
-        self.vm = qemu.VM(cmd, self.qmp).__enter__()
-        self.boots += 1
-
-    def _save_console(self) -> None:
-        if self.console.exists():
-            with open(self.rundir / "console-all.log", "a") as all_, open(self.console, errors="replace") as c:
-                all_.write(c.read())
-            self.console.unlink()
-
-    def serial(self) -> str:
-        """Everything the serial console printed in this module, every power-on."""
-        old = (self.rundir / "console-all.log").read_text(errors="replace") if (self.rundir / "console-all.log").exists() else ""
-        return old + (self.console.read_text(errors="replace") if self.console.exists() else "")
-
-    @property
-    def proc(self):
-        return self.vm.proc
-
-    def ssh(self, command: str, check: bool = True, timeout: float = 600) -> str:
-        p = subprocess.run(self.ssh_argv(command), capture_output=True, text=True, timeout=timeout)
-        if check:
-            assert p.returncode == 0, f"{command}: {p.stdout[-3000:]}{p.stderr[-3000:]}"
-        return p.stdout
-
-    def ssh_rebooting(self, command: str, timeout: float = 1800) -> str:
-        """A command that ends with the guest rebooting: ssh's exit status is the command's (0) or
-        255 when the connection dropped as the guest went down; anything else is a failure."""
-        p = subprocess.run(self.ssh_argv(command), capture_output=True, text=True, timeout=timeout)
-        assert p.returncode in (0, 255), f"{command} ({p.returncode}): {p.stdout[-3000:]}{p.stderr[-3000:]}"
-        if p.returncode == 255:
-            assert "thox: error" not in p.stderr, p.stderr
-        return p.stdout + p.stderr
-
-    def scp_to(self, src: Path, dst: str) -> None:
-        subprocess.run(["scp", *self._ssh_opts(), "-P", str(self.ssh_port), str(src),
-                        f"{self.user}@127.0.0.1:{dst}"], check=True, capture_output=True, timeout=900)
-
-    def scp_from(self, src: str, dst: Path) -> None:
-        subprocess.run(["scp", *self._ssh_opts(), "-P", str(self.ssh_port),
-                        f"{self.user}@127.0.0.1:{src}", str(dst)], check=True, capture_output=True, timeout=900)
-
-    def up(self, timeout: float = BOOT_TIMEOUT) -> float:
-        """Wait for ssh and a healthy API; the seconds it took."""
-        t0 = time.monotonic()
-        try:
-            qemu.wait_ssh(self.ssh_port, self.key, self.user, timeout, self.proc)
-            self.vm.ssh = (self.ssh_port, self.key, self.user)
-            qemu.wait_health(self.api_port, timeout, self.proc)
-            self.health_checked(timeout)
-        except Exception as e:
-            pytest.fail(f"the box did not come up ({e}); serial tail:\n{self.serial()[-6000:]}")
-        return round(time.monotonic() - t0, 1)
-
-    def health_checked(self, timeout: float) -> str:
-        """Wait until this boot's thox-health.service has given its verdict (the API answering
-        comes first: the slot is marked good a poll later)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            p = subprocess.run(self.ssh_argv("systemctl is-active thox-health.service"),
-                               capture_output=True, text=True, timeout=60)
-            state = p.stdout.strip()
-            if state in ("active", "failed"):
-                return state
-            time.sleep(2)
-        raise TimeoutError(f"thox-health.service gave no verdict within {timeout:.0f}s")
-
-    def boot_id(self) -> str:
-        return self.ssh("cat /proc/sys/kernel/random/boot_id").strip()
-
-    def wait_rebooted(self, old_boot_id: str, timeout: float = BOOT_TIMEOUT) -> float:
-        """After a reboot the guest asked for: wait until ssh answers with a new boot id and the
-        API is healthy."""
-        t0 = time.monotonic()
-        self.new_connection()
-        while time.monotonic() - t0 < timeout:
-            assert self.proc.poll() is None, f"QEMU exited ({self.proc.returncode}):\n{self.serial()[-4000:]}"
-            p = subprocess.run(self.ssh_argv("cat /proc/sys/kernel/random/boot_id"), capture_output=True, text=True,
-                               timeout=60)
-            if p.returncode == 0 and p.stdout.strip() == old_boot_id:
-                self.new_connection()        # still the old boot: its connection dies with it
-            if p.returncode == 0 and p.stdout.strip() and p.stdout.strip() != old_boot_id:
-                break
-            time.sleep(3)
-        else:
-            pytest.fail(f"no reboot within {timeout}s; serial tail:\n{self.serial()[-6000:]}")
-        self.up(timeout)
-        return round(time.monotonic() - t0, 1)
-
-    def kill(self) -> None:
-        self.vm.proc.kill()
-        self.vm.proc.wait(30)
-        self.new_connection()
-
-    def rauc_status(self) -> dict:
-        return json.loads(self.ssh("rauc status --detailed --output-format=json"))
-
-    def state(self) -> dict:
-        """What must survive updates and rollbacks, and what tells which slot runs."""
-        st = self.rauc_status()
-        slots = {}
-        for entry in st["slots"]:
-            for name, s in entry.items():
-                slots[s.get("bootname") or name] = s
-        return {
-            "api_key": self.ssh("cat /var/lib/thox/api_key").strip(),
-            "machine_id": self.ssh("cat /etc/machine-id").strip(),
-            "host_key": self.ssh("ssh-keygen -lf /var/lib/thox-data/system/ssh/ssh_host_ed25519_key.pub").split()[1],
-            "models": self.ssh("thox models list"),
-            "version": re.search(r"^IMAGE_VERSION=\"?([^\"\n]*)", self.ssh("cat /etc/os-release"), re.M).group(1),
-            "booted": st.get("booted"),
-            "slots": slots,
-        }
-
-
 @pytest.fixture(scope="module")
-def box(built_image, tmp_path_factory):
-    b = Box(built_image.image, tmp_path_factory.mktemp("update-vm"), qemu.image_ssh_user(built_image.out / "manifest.json"))
-    b.start()
-    TIMES["update_boot_v1_s"] = b.up()
-    yield b
-    if b.vm and b.proc.poll() is None:
-        b.vm.power_off()
-    b.new_connection()
+def box(booted_image):
+    """The session's booted image (`booted_image`: its first boot, shared with test_image_e2e)."""
+    TIMES["update_boot_v1_s"] = booted_image.first_boot_s
+    yield booted_image
     record_times(**TIMES)
-    shutil.copy(b.rundir / "console-all.log" if (b.rundir / "console-all.log").exists() else b.console,
-                REPO / "build" / "update-e2e-console.log")
+    shutil.copy(booted_image.rundir / "console-all.log" if (booted_image.rundir / "console-all.log").exists()
+                else booted_image.console, REPO / "build" / "update-e2e-console.log")
 
 
 def slot_state(status: dict, bootname: str) -> dict:
@@ -357,13 +202,13 @@ def test_bad_v3_rolls_back_to_v2_by_itself(box, v1, bundles):
     assert CANARY in st["models"]
     serial = box.serial()
     assert re.search(r"thox-health: slot A bad \(version 3\)", serial), serial[-6000:]
-    box.ssh("rm -f /var/lib/thox/v3.raucb")
+    # v3.raucb stays on the box for the power cut (one copy less through ssh)
 
 
 def test_power_cut_while_writing_boots_the_old_slot(box, v1, bundles):
-    box.scp_to(bundles["v2"], "/var/lib/thox/v2.raucb")
-    # the install runs on in the guest after ssh returns; the power is cut while it writes slot A
-    box.ssh("nohup thox update install /var/lib/thox/v2.raucb > /tmp/install.log 2>&1 &")
+    # v3 again (left on the box by the test before), into slot A; the install runs on in the guest
+    # after ssh returns, and the power is cut while it writes the slot
+    box.ssh("nohup thox update install /var/lib/thox/v3.raucb > /tmp/install.log 2>&1 &")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         log = box.ssh("cat /tmp/install.log", check=False)
@@ -383,7 +228,7 @@ def test_power_cut_while_writing_boots_the_old_slot(box, v1, bundles):
     assert boot_status(st["slots"]["A"]) != "good", st["slots"]["A"]
     assert st["api_key"] == v1["api_key"] and CANARY in st["models"]
     assert time.monotonic() - t0 < BOOT_TIMEOUT * 2
-    box.ssh("rm -f /var/lib/thox/v2.raucb")
+    box.ssh("rm -f /var/lib/thox/v3.raucb")
 
 
 def test_factory_reset_makes_a_new_key_and_keeps_the_version(box, v1):
@@ -412,3 +257,12 @@ def test_backup_restore_on_the_reset_box(box, v1):
     r = openai.OpenAI(base_url=f"http://127.0.0.1:{box.api_port}/v1", api_key=v1["api_key"],
                       timeout=600).models.list()
     assert CANARY in [m.id for m in r.data]
+
+
+def test_clean_shutdown(box):
+    """Last on the session's VM: `systemctl poweroff` over ssh, QEMU exits by itself with status 0."""
+    t = time.monotonic()
+    how = box.vm.power_off()
+    TIMES["shutdown_s"] = round(time.monotonic() - t, 1)
+    assert how == "ssh poweroff" and box.proc.returncode == 0, how
+    assert "reboot: Power down" in box.serial()
