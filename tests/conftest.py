@@ -3,6 +3,7 @@ model), and real `thox serve` processes on ephemeral loopback ports."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -55,7 +56,6 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_protocol(item, nextitem):
     """On an xdist worker, an image-vm test (and what it starts: the build, QEMU) runs at nice
     IMAGE_NICE: the API tests' latency bounds see the CPU they are written for."""
-    import os
     background = os.environ.get("PYTEST_XDIST_WORKER") and xdist_scope(item.nodeid) == IMAGE_VM
     if background:
         before = os.getpriority(os.PRIO_PROCESS, 0)

@@ -62,6 +62,7 @@ class Box:
         self.vm: qemu.VM | None = None
         self.boots = 0
         self.first_boot_s = self.last_ssh_s = self.last_api_s = 0.0
+        self.first_boot: dict[str, float] = {}     # the first boot's times (conftest.booted_image)
         self.conn = 0            # the ssh connection generation: a new one for every boot
 
     # one multiplexed ssh connection per boot: a key exchange under TCG costs the guest about a

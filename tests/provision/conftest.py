@@ -93,6 +93,33 @@ def netns_factory():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+# what the units run, as stub executables in unit_root (the ones under the prefix are added there)
+UNIT_EXES = ("usr/bin/jetson_clocks", "usr/sbin/nvpmodel", "usr/local/sbin/thox-lan-sets", "usr/local/sbin/thox-growdata",
+             "usr/local/sbin/thox-ssh-import", "usr/bin/ssh-keygen", "usr/local/sbin/thox-ssh-hostkeys",
+             "usr/local/lib/thox/thox-health", "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl",
+             "bin/sh")
+# systemd-nspawn on this host (no systemd running): a tmpfs for its propagation folder, in the
+# private mount namespace `unshare --mount` gives the shell this prefixes
+NSPAWN_PREP = "mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && "
+
+
+def unit_root(tmp: Path, units: dict[str, str], prefix: str = "/opt/thox") -> Path:
+    """A scratch root for `systemd-analyze verify --root`: the distribution's units, stub
+    executables for the paths our units run, and our units (name -> text)."""
+    root = tmp / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    for exe in (f"{prefix.strip('/')}/venv/bin/thox", *UNIT_EXES):
+        p = root / exe
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("#!/bin/sh\n")
+        p.chmod(0o755)
+    d = root / "etc/systemd/system"
+    d.mkdir(parents=True)
+    for name, text in units.items():
+        (d / name).write_text(text)
+    return root
+
+
 def verify_units(root: Path, names: list[str]) -> subprocess.CompletedProcess:
     """`systemd-analyze verify` of units installed under root's /etc/systemd/system."""
     return run(["systemd-analyze", "verify", "--man=no", f"--root={root}", *[f"/etc/systemd/system/{u}" for u in names]],

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from thox import pins
 
-from .conftest import (ABIN, ANSIBLE_DIR, CACHE, REPO, ansible_env, need_ansible, need_root, need_tools,
+from .conftest import (ABIN, ANSIBLE_DIR, CACHE, NSPAWN_PREP, REPO, ansible_env, need_ansible, need_root, need_tools,
                        require, run)
 
 pytestmark = [pytest.mark.slow_infra, pytest.mark.timeout(1800)]
@@ -217,8 +217,7 @@ class Box:
         # nspawn wants a tmpfs for its propagation dir and no bus (this host runs no systemd):
         # a private mount namespace, --register=no --keep-unit. CAP_NET_ADMIN only acts on
         # the container's own network namespace (nft inside it).
-        script = ('mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && '
-                  f'exec systemd-nspawn -q -D "{self.root}" -b --register=no --keep-unit '
+        script = (NSPAWN_PREP + f'exec systemd-nspawn -q -D "{self.root}" -b --register=no --keep-unit '
                   f'--capability=CAP_NET_ADMIN --network-namespace-path=/run/netns/{self.machine} '
                   f'-M thox-test --console=pipe')
         self.log = open(LOGS / "provision-nspawn.log", "w")

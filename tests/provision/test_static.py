@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_tools, render, run, verify_units
+from .conftest import (ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_tools, render, run, unit_root,
+                       verify_units)
 
 pytestmark = pytest.mark.slow_infra
 ROLES = ANSIBLE_DIR / "roles"
@@ -63,30 +64,10 @@ def test_syntax_check():
         env=ansible_env(), cwd=ANSIBLE_DIR)
 
 
-def _verify_root(tmp_path: Path, units: dict[str, str], prefix: str = "/opt/thox") -> Path:
-    """A scratch root for `systemd-analyze verify --root`: the distribution's
-    units, stub executables for the paths our units run, and our units."""
-    root = tmp_path / "root"
-    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    for exe in (f"{prefix.strip('/')}/venv/bin/thox", "usr/bin/jetson_clocks", "usr/sbin/nvpmodel",
-                "usr/local/sbin/thox-lan-sets", "usr/local/sbin/thox-growdata", "usr/local/sbin/thox-ssh-import",
-                "usr/bin/ssh-keygen", "usr/local/sbin/thox-ssh-hostkeys", "usr/local/lib/thox/thox-health",
-                "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl", "bin/sh"):
-        p = root / exe
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("#!/bin/sh\n")
-        p.chmod(0o755)
-    d = root / "etc/systemd/system"
-    d.mkdir(parents=True)
-    for name, text in units.items():
-        (d / name).write_text(text)
-    return root
-
-
-def test_unitsverify_units(tmp_path, units):
+def test_units_verify(tmp_path, units):
     need_tools("systemd-analyze")
     assert sorted(units) == sorted(UNITS)
-    p = verify_units(_verify_root(tmp_path, units), UNITS)
+    p = verify_units(unit_root(tmp_path, units), UNITS)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
 
 
@@ -94,7 +75,7 @@ def test_units_verify_catches_a_broken_unit(tmp_path, units):
     """Control: the same check fails on a unit with an unknown directive."""
     need_tools("systemd-analyze")
     bad = units["thox-api.service"].replace("[Service]", "[Service]\nExecStrat=/bin/true\n")
-    p = verify_units(_verify_root(tmp_path, {"thox-api.service": bad}), ["thox-api.service"])
+    p = verify_units(unit_root(tmp_path, {"thox-api.service": bad}), ["thox-api.service"])
     assert "ExecStrat" in p.stderr
 
 
@@ -139,7 +120,7 @@ def test_units_follow_the_role_variables(tmp_path):
         assert not re.search(r"^StateDirectory", u, re.M), name
         assert re.search(r"^ExecStart=/usr/local/thox/venv/bin/thox (serve|firstboot)$", u, re.M), name
     assert "ConditionPathExists=|!/srv/thox-state/api_key" in units["thox-firstboot.service"]
-    root = _verify_root(tmp_path, units, prefix=KNOBS["thox_prefix"])
+    root = unit_root(tmp_path, units, prefix=KNOBS["thox_prefix"])
     p = verify_units(root, UNITS)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
     lan = units["thox-lan-sets.service"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ABIN, ANSIBLE_DIR, SYSTEMD_DIR, ansible_env, need_ansible, need_root, need_tools, render, run, verify_units
+from .conftest import (ABIN, ANSIBLE_DIR, NSPAWN_PREP, SYSTEMD_DIR, ansible_env, need_ansible, need_root, need_tools, render,
+                       run, unit_root, verify_units)
 
 pytestmark = pytest.mark.slow_infra
 
@@ -48,25 +49,13 @@ def jetson(tmp_path_factory) -> dict[str, str]:
     return _render(tmp_path_factory.mktemp("jetson"), {"thox_is_jetson": True})
 
 
-def _verify_root(tmp: Path, files: dict[str, str]) -> Path:
-    root = tmp / "root"
-    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    for exe in ("opt/thox/venv/bin/thox", "usr/local/lib/thox/thox-health", "usr/local/sbin/thox-ssh-hostkeys",
-                "usr/local/lib/thox/thox-factory-reset", "usr/bin/rm", "usr/bin/systemctl", "bin/sh"):
-        p = root / exe
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("#!/bin/sh\n")
-        p.chmod(0o755)
-    d = root / "etc/systemd/system"
-    d.mkdir(parents=True)
-    for n in UNITS + DEPS:
-        (d / n).write_text(files[n])
-    return root
+def _unit_root(tmp: Path, files: dict[str, str]) -> Path:
+    return unit_root(tmp, {n: files[n] for n in UNITS + DEPS})
 
 
-def test_unitsverify_units(tmp_path, amd64):
+def test_units_verify(tmp_path, amd64):
     need_tools("systemd-analyze")
-    p = verify_units(_verify_root(tmp_path, amd64), UNITS)
+    p = verify_units(_unit_root(tmp_path, amd64), UNITS)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
 
 
@@ -74,7 +63,7 @@ def test_units_verify_catches_a_broken_unit(tmp_path, amd64):
     """Control: the same check fails on a unit with an unknown directive."""
     need_tools("systemd-analyze")
     broken = dict(amd64, **{"thox-reboot.path": amd64["thox-reboot.path"].replace("[Path]", "[Path]\nPathExist=/x")})
-    p = verify_units(_verify_root(tmp_path, broken), ["thox-reboot.path"])
+    p = verify_units(_unit_root(tmp_path, broken), ["thox-reboot.path"])
     assert "PathExist" in p.stderr
 
 
@@ -375,8 +364,7 @@ def _boot(root: Path, *args: str, timeout: float = 120) -> tuple[int | None, str
     """Boot the tree in a container (no network, no bus); its exit status (133: the container
     asked for a reboot; None: still running after timeout, then halted), its console and the
     seconds it ran."""
-    script = ('mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && '
-              'exec systemd-nspawn -q -D "$0" -b --register=no --keep-unit --private-network -- "$@"')
+    script = NSPAWN_PREP + 'exec systemd-nspawn -q -D "$0" -b --register=no --keep-unit --private-network -- "$@"'
     t0 = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
         p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(root), *args],
